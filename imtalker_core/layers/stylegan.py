@@ -1,0 +1,162 @@
+"""StyleGAN2-family layers used by the renderer's motion encoder and motion decoder.
+
+Attribute names (`weight`, `bias`, `kernel`, `modulation`, `blur`, `noise`, `activate`) follow the
+official checkpoint so its state dict loads without renaming.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SQRT2 = math.sqrt(2.0)
+
+
+def blur_kernel_2d(taps: tuple[int, ...] = (1, 3, 3, 1), gain: float = 1.0) -> torch.Tensor:
+    """Separable FIR kernel (outer product of `taps`), normalised to sum to `gain`. Shape `[k, k]`."""
+    k = torch.tensor(taps, dtype=torch.float32)
+    k = k[None, :] * k[:, None]
+    return k / k.sum() * gain
+
+
+class Blur(nn.Module):
+    """Depthwise FIR filter with asymmetric zero padding `(pad_before, pad_after)` on both axes."""
+
+    def __init__(self, pad: tuple[int, int], gain: float = 1.0, taps: tuple[int, ...] = (1, 3, 3, 1)):
+        super().__init__()
+        self.register_buffer("kernel", blur_kernel_2d(taps, gain))
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        p0, p1 = self.pad
+        x = F.pad(x, [p0, p1, p0, p1])
+        # The taps are symmetric, so correlation equals the reference's flipped convolution.
+        weight = self.kernel.to(x.dtype).expand(c, 1, *self.kernel.shape)
+        return F.conv2d(x, weight, groups=c)
+
+
+class EqualConv2d(nn.Module):
+    """Conv2d with the weight scaled at run time by 1/sqrt(fan_in) (equalised learning rate)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.scale = 1.0 / math.sqrt(in_channels * kernel_size ** 2)
+        self.stride = stride
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.scale, self.bias, stride=self.stride, padding=self.padding)
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with the weight scaled at run time by 1/sqrt(in_features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias_init: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init)))
+        self.scale = 1.0 / math.sqrt(in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.scale, self.bias)
+
+
+class FusedLeakyReLU(nn.Module):
+    """`leaky_relu(x + bias, 0.2) * sqrt(2)` with a per-channel bias of shape `[1, C, 1, 1]`."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x + self.bias, 0.2) * SQRT2
+
+
+class ConvLayer(nn.Sequential):
+    """[Blur] → EqualConv2d → FusedLeakyReLU; the downsampling variant blurs then convolves with stride 2.
+
+    Indices match the official keys: `0.kernel`, `1.weight`, `2.bias` when downsampling,
+    `0.weight`, `1.bias` otherwise.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, downsample: bool = False):
+        layers: list[nn.Module] = []
+        if downsample:
+            p = 2 + (kernel_size - 1)  # (taps - factor) + (kernel - 1)
+            layers.append(Blur(pad=((p + 1) // 2, p // 2)))
+            layers.append(EqualConv2d(in_channels, out_channels, kernel_size, stride=2, padding=0, bias=False))
+        else:
+            layers.append(EqualConv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
+                                      bias=False))
+        layers.append(FusedLeakyReLU(out_channels))
+        super().__init__(*layers)
+
+
+class ModulatedConv2d(nn.Module):
+    """Style-modulated, demodulated convolution (StyleGAN2), optionally upsampling ×2.
+
+    Input `[B, C_in, H, W]` and style `[B, style_dim]`; output `[B, C_out, H', W']` with
+    `H' = 2H` when upsampling.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_dim: int,
+                 upsample: bool = False):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.upsample = upsample
+        self.scale = 1.0 / math.sqrt(in_channels * kernel_size ** 2)
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(1, out_channels, in_channels, kernel_size, kernel_size))
+        self.modulation = EqualLinear(style_dim, in_channels, bias_init=1.0)
+        if upsample:
+            p = 2 - (kernel_size - 1)  # (taps - factor) - (kernel - 1)
+            self.blur = Blur(pad=((p + 1) // 2 + 1, p // 2 + 1), gain=4.0)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        style = self.modulation(style).view(b, 1, c, 1, 1)
+        weight = self.scale * self.weight * style
+        weight = weight * torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + 1e-8).view(b, self.out_channels, 1, 1, 1)
+        k = self.kernel_size
+        x = x.reshape(1, b * c, h, w)
+        if self.upsample:
+            weight = weight.transpose(1, 2).reshape(b * c, self.out_channels, k, k)
+            out = F.conv_transpose2d(x, weight, stride=2, padding=0, groups=b)
+            out = out.view(b, self.out_channels, out.shape[-2], out.shape[-1])
+            return self.blur(out)
+        weight = weight.view(b * self.out_channels, c, k, k)
+        out = F.conv2d(x, weight, padding=self.padding, groups=b)
+        return out.view(b, self.out_channels, out.shape[-2], out.shape[-1])
+
+
+class NoiseInjection(nn.Module):
+    """Learned noise strength. IMTalker never feeds noise, so this is the identity at inference."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return x if noise is None else x + self.weight * noise
+
+
+class StyledConv(nn.Module):
+    """ModulatedConv2d → (noise) → FusedLeakyReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_dim: int,
+                 upsample: bool = False):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channels, out_channels, kernel_size, style_dim, upsample=upsample)
+        self.noise = NoiseInjection()
+        self.activate = FusedLeakyReLU(out_channels)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.noise(self.conv(x, style)))

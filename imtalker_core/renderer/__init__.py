@@ -1,0 +1,4 @@
+"""The IMTalker renderer (paper §3.2): one module per box of the paper's figure."""
+from .model import IMTRenderer
+
+__all__ = ["IMTRenderer"]
