@@ -1,0 +1,126 @@
+"""wav2vec2 audio features at the video frame rate, computed as the reference does.
+
+The waveform (16 kHz mono) is normalised like `Wav2Vec2FeatureExtractor` (zero mean, unit
+variance), padded by repeating its last sample to `T × 640` samples with `T = ceil(S·25/16000)`,
+run through the convolutional feature encoder, and the CNN features are linearly interpolated
+(align_corners=True) to T frames *before* the feature projection and the transformer. The output
+is the transformer's last hidden state `[B, T, hidden]` (768 for wav2vec2-base-960h).
+
+Long clips: the transformer's attention is quadratic in T, so above `window_frames` the
+projected features are encoded in overlapping windows and the centre of each window is kept.
+The CNN part and the interpolation always see the whole clip, so short clips (≤ window) are
+exactly the reference and long ones differ only through the transformer's limited context.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FILES = ("config.json", "preprocessor_config.json")
+
+
+def frame_count(num_samples: int, fps: int = 25, sample_rate: int = 16000) -> int:
+    """Video frames for `num_samples` audio samples: `ceil(num_samples · fps / sample_rate)`."""
+    return -(-num_samples * fps // sample_rate)
+
+
+class AudioEncoder(nn.Module):
+    """A stock `transformers.Wav2Vec2Model` (attribute `wav2vec2`) plus the reference's framing.
+
+    Build it with `AudioEncoder.from_folder(path)`; a folder holds `config.json`,
+    `preprocessor_config.json` and the weights (`pytorch_model.bin` or `model.safetensors`).
+    """
+
+    def __init__(self, wav2vec2: nn.Module, do_normalize: bool = True, sample_rate: int = 16000,
+                 fps: int = 25):
+        super().__init__()
+        self.wav2vec2 = wav2vec2
+        self.do_normalize = do_normalize
+        self.sample_rate = sample_rate
+        self.fps = fps
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, fps: int = 25) -> "AudioEncoder":
+        """Load from a local Hugging Face folder only (never downloads)."""
+        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+        folder = os.fspath(folder)
+        missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            raise FileNotFoundError(
+                f"wav2vec2 folder {folder!r} lacks {', '.join(missing)}; it should be a copy of "
+                "wav2vec2-base-960h (config.json, preprocessor_config.json, pytorch_model.bin)")
+        extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
+        # Eager attention: every backend computes the same thing, and eager works on every device.
+        model = Wav2Vec2Model.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
+        model.eval()
+        return cls(model, do_normalize=extractor.do_normalize, sample_rate=extractor.sampling_rate, fps=fps)
+
+    @property
+    def samples_per_frame(self) -> int:
+        return self.sample_rate // self.fps
+
+    def normalize(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Per-clip zero mean, unit variance over the last axis, as the feature extractor does."""
+        if not self.do_normalize:
+            return waveform
+        w = waveform.double()
+        mean = w.mean(dim=-1, keepdim=True)
+        var = w.var(dim=-1, unbiased=False, keepdim=True)
+        return ((w - mean) / torch.sqrt(var + 1e-7)).float()
+
+    @torch.no_grad()
+    def forward(self, waveform: torch.Tensor, num_frames: int | None = None, window_frames: int | None = 1500,
+                overlap_frames: int = 100, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Features `[B, T, hidden]` for 16 kHz mono audio `[B, S]` or `[S]` (raw, un-normalised).
+
+        `num_frames` defaults to `ceil(S · fps / 16000)`. `window_frames=None` encodes the whole
+        clip at once; otherwise clips longer than `window_frames` (default 60 s) are encoded in
+        windows overlapping by `overlap_frames` on each side.
+        """
+        if waveform.dim() == 1:
+            waveform = waveform[None]
+        n = waveform.shape[-1]
+        if n == 0:
+            raise ValueError("the audio clip is empty (0 samples)")
+        total = num_frames or frame_count(n, self.fps, self.sample_rate)
+        param = next(self.wav2vec2.parameters())
+        x = self.normalize(waveform.float()).to(param)
+        target = total * self.samples_per_frame
+        if n < target:
+            x = F.pad(x[:, None], (0, target - n), mode="replicate")[:, 0]
+        cnn = self.wav2vec2.feature_extractor(x).transpose(1, 2)  # [B, L, 512] at ~50 Hz
+        cnn = F.interpolate(cnn.transpose(1, 2), size=total, mode="linear", align_corners=True).transpose(1, 2)
+        hidden, _ = self.wav2vec2.feature_projection(cnn)
+        if window_frames is None or total <= window_frames:
+            return self._transformer(hidden)
+        return self._windowed(hidden, window_frames, overlap_frames, callback)
+
+    def _transformer(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.wav2vec2.encoder(hidden).last_hidden_state
+
+    def _windowed(self, hidden: torch.Tensor, window: int, overlap: int,
+                  callback: Callable[[int, int], None] | None) -> torch.Tensor:
+        if not 0 <= 2 * overlap < window:
+            raise ValueError(f"overlap_frames={overlap} must be below half of window_frames={window}")
+        total = hidden.shape[1]
+        core = window - 2 * overlap
+        n_windows = math.ceil(total / core)
+        log.info("encoding %d audio frames in %d windows of %d (overlap %d)", total, n_windows, window, overlap)
+        out = []
+        for i in range(n_windows):
+            start, stop = i * core, min((i + 1) * core, total)
+            lo, hi = max(0, start - overlap), min(total, stop + overlap)
+            enc = self._transformer(hidden[:, lo:hi])
+            out.append(enc[:, start - lo:stop - lo])
+            if callback is not None:
+                callback(i + 1, n_windows)
+        return torch.cat(out, dim=1)
