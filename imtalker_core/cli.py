@@ -1,0 +1,156 @@
+"""Command line: `python -m imtalker_core {audio,video,convert,models} …` (see README)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from . import model_files
+from .errors import IMTalkerError
+
+log = logging.getLogger("imtalker_core.cli")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return DTYPES[name]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", type=Path, help="source portrait (any common image format)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .mp4 path")
+    p.add_argument("--models", type=Path, default=None,
+                   help=f"models folder (default: {model_files.default_models_dir()})")
+    p.add_argument("--no-download", action="store_true", help="never download missing model files")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", *DTYPES],
+                   help="auto = fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--batch-size", type=int, default=4, help="frames rendered at once")
+    p.add_argument("--no-crop", action="store_true", help="use the whole image instead of a face crop")
+    p.add_argument("--crop-scale", type=float, default=1.6, help="crop side = scale × detected face box")
+    p.add_argument("--center-crop-if-no-face", action="store_true",
+                   help="use a centred square when no face is found instead of stopping")
+    p.add_argument("--paste-back", action="store_true", help="composite the face back into the full image")
+    p.add_argument("--feather", type=float, default=0.1, help="paste-back edge softness (fraction of the crop)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m imtalker_core",
+                                     description="IMTalker talking-face generation from the command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("audio", help="image + speech → talking-face video")
+    _common(a)
+    a.add_argument("audio", type=Path, help="speech (wav, flac, mp3, m4a, or a video's audio track)")
+    a.add_argument("--seed", type=int, default=42)
+    a.add_argument("--steps", type=int, default=10, help="flow-matching time points (≥ 2)")
+    a.add_argument("--cfg", type=float, default=3.0, help="audio classifier-free guidance scale")
+    a.add_argument("--pose", type=Path, help="per-frame head pose [T,3] (.npy/.txt/.csv/.pt)")
+    a.add_argument("--cam", type=Path, help="per-frame camera [T,3] (.npy/.txt/.csv/.pt)")
+    a.add_argument("--gaze", type=Path, help="per-frame eye gaze [T,2] (.npy/.txt/.csv)")
+    a.add_argument("--noise-on-device", action="store_true",
+                   help="draw the initial noise on the compute device (the reference on GPU); default CPU")
+    v = sub.add_parser("video", help="image + driving video → reenacted video (driving audio kept)")
+    _common(v)
+    v.add_argument("driving", type=Path, help="driving video")
+    v.add_argument("--mute", action="store_true", help="do not copy the driving video's audio")
+    c = sub.add_parser("convert", help="checkpoint → .safetensors with only the model's weights")
+    c.add_argument("source", type=Path)
+    c.add_argument("output", type=Path)
+    c.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast floating weights")
+    c.add_argument("--ema", action="store_true", help="take the generator's EMA weights")
+    m = sub.add_parser("models", help="show (and fetch) the model files")
+    m.add_argument("--models", type=Path, default=None)
+    m.add_argument("--download", action="store_true", help="download missing files now")
+    return parser
+
+
+class _Bars:
+    """One tqdm bar per stage, on stderr."""
+
+    def __init__(self):
+        from tqdm import tqdm
+        self._tqdm = tqdm
+        self.bars = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        bar = self.bars.get(stage)
+        if bar is None:
+            unit = {"render": "frame", "motion": "step"}.get(stage, "window")
+            bar = self.bars[stage] = self._tqdm(total=total, desc=stage, unit=unit, leave=True)
+        bar.total = total
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import convert_to_safetensors, runner
+
+    if args.command == "convert":
+        stats = convert_to_safetensors(args.source, args.output, dtype=DTYPES.get(args.dtype), use_ema=args.ema)
+        log.info("wrote %s: %d tensors, %d values", args.output, stats["tensors"], stats["values"])
+        return 0
+    if args.command == "models":
+        root = args.models or model_files.default_models_dir()
+        if args.download:
+            model_files.ensure_models(root, download=True)
+        missing = model_files.missing_files(root)
+        log.info("models folder: %s", root)
+        log.info("missing: %s", ", ".join(missing) if missing else "nothing")
+        return 1 if missing else 0
+    device = _device(args.device)
+    dtype = _dtype(args.precision, device)
+    models = runner.load_models(args.models, device, dtype, audio=args.command == "audio",
+                                download=not args.no_download)
+    crop = runner.CropSettings(crop=not args.no_crop, scale=args.crop_scale,
+                               on_no_face="center" if args.center_crop_if_no_face else "error",
+                               paste_back=args.paste_back, feather=args.feather)
+    bars = _Bars()
+    try:
+        if args.command == "audio":
+            out = runner.audio_to_video(
+                models, args.image, args.audio, args.output, crop, seed=args.seed, steps=args.steps,
+                cfg_scale=args.cfg, pose=runner.load_controls(args.pose, 3, "pose"),
+                cam=runner.load_controls(args.cam, 3, "cam"), gaze=runner.load_controls(args.gaze, 2, "gaze"),
+                batch_size=args.batch_size, noise_device=device if args.noise_on_device else "cpu",
+                progress=bars)
+        else:
+            out = runner.video_to_video(models, args.image, args.driving, args.output, crop,
+                                        batch_size=args.batch_size, keep_audio=not args.mute, progress=bars)
+    finally:
+        bars.close()
+    log.info("wrote %s", out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except IMTalkerError as err:
+        log.error("%s", err)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; no partial output was left under the output name")
+        return 130

@@ -1,0 +1,105 @@
+"""Where the official model files live, and fetching them once from the authors' repository.
+
+Layout of a models folder (ComfyUI: `models/imtalker/`)::
+
+    imtalker/
+      renderer.ckpt                 (or renderer.safetensors, see `convert`)
+      generator.ckpt
+      wav2vec2-base-960h/
+        config.json  pytorch_model.bin  preprocessor_config.json  feature_extractor_config.json
+
+Default folder: `$IMTALKER_MODELS` if set, else ComfyUI's `models/imtalker` when this package
+sits inside a ComfyUI tree (`ComfyUI/custom_nodes/<pack>/`), else `~/.cache/imtalker`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+HF_REPO = "cbsjtu01/IMTalker"
+HF_URL = f"https://huggingface.co/{HF_REPO}"
+RENDERER_FILE = "renderer.ckpt"
+GENERATOR_FILE = "generator.ckpt"
+WAV2VEC2_DIR = "wav2vec2-base-960h"
+WAV2VEC2_FILES = ("config.json", "pytorch_model.bin", "preprocessor_config.json", "feature_extractor_config.json")
+OFFICIAL_FILES = (RENDERER_FILE, GENERATOR_FILE, *(f"{WAV2VEC2_DIR}/{f}" for f in WAV2VEC2_FILES))
+
+
+def default_models_dir() -> Path:
+    """The models folder used when none is given (see the module docstring)."""
+    env = os.environ.get("IMTALKER_MODELS")
+    if env:
+        return Path(env).expanduser()
+    pack_dir = Path(__file__).resolve().parent.parent
+    if pack_dir.parent.name == "custom_nodes":
+        return pack_dir.parent.parent / "models" / "imtalker"
+    return Path.home() / ".cache" / "imtalker"
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "IMTALKER_OFFLINE"))
+
+
+def missing_files(models_dir: Path) -> list[str]:
+    """Official files absent from `models_dir` (a `.safetensors` twin counts for a `.ckpt`)."""
+    missing = []
+    for name in OFFICIAL_FILES:
+        path = models_dir / name
+        # A converted renderer/generator and a safetensors wav2vec2 count as present.
+        twin = {".ckpt": path.with_suffix(".safetensors"),
+                ".bin": path.with_name("model.safetensors")}.get(path.suffix)
+        if name.endswith("feature_extractor_config.json"):
+            continue  # optional: preprocessor_config.json carries the same settings
+        if not path.is_file() and not (twin and twin.is_file()):
+            missing.append(name)
+    return missing
+
+
+def placement_help(models_dir: Path, missing: list[str]) -> str:
+    return (f"IMTalker model files are missing from {models_dir}: {', '.join(missing)}. Download them from "
+            f"{HF_URL} (files {', '.join(OFFICIAL_FILES)}) and place them there, keeping the "
+            f"{WAV2VEC2_DIR}/ sub-folder.")
+
+
+def ensure_models(models_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """Return a models folder holding the official files, downloading missing ones when allowed.
+
+    Downloads use `huggingface_hub` (it respects `HF_ENDPOINT`, `HF_HOME` and `HF_HUB_OFFLINE`).
+    Offline, or with `download=False`, a missing file raises `InputError` naming the exact files
+    and the folder to put them in.
+    """
+    root = Path(models_dir).expanduser() if models_dir else default_models_dir()
+    missing = missing_files(root)
+    if not missing:
+        return root
+    if not download or _offline():
+        raise InputError(placement_help(root, missing))
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as err:
+        raise InputError(placement_help(root, missing) + " (huggingface_hub is not installed)") from err
+    root.mkdir(parents=True, exist_ok=True)
+    wanted = [*missing, f"{WAV2VEC2_DIR}/feature_extractor_config.json"]
+    for name in wanted:
+        log.info("downloading %s from %s into %s", name, HF_REPO, root)
+        try:
+            hf_hub_download(repo_id=HF_REPO, filename=name, local_dir=root)
+        except Exception as err:  # noqa: BLE001 - network errors come in many types; re-raised with context
+            if name in missing:
+                raise InputError(f"could not download {name} from {HF_URL} ({err}). "
+                                 + placement_help(root, missing_files(root))) from err
+            log.info("optional file %s not downloaded: %s", name, err)
+    return root
+
+
+def model_path(models_dir: Path, name: str) -> Path:
+    """`renderer.ckpt` or its `.safetensors` twin inside `models_dir`, whichever exists (safetensors first)."""
+    path = models_dir / name
+    twin = path.with_suffix(".safetensors")
+    return twin if twin.is_file() else path

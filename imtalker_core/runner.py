@@ -1,0 +1,205 @@
+"""Whole jobs from files to a finished MP4: used by the command line, reusable from scripts.
+
+A job checks its inputs first (files readable, output folder writable, a face present), then
+encodes, generates and renders in batches, streaming each batch into the video writer, so memory
+stays bounded for any length and a failure or Ctrl+C never leaves a half-written file behind
+under the final name (the writer removes its `.partial` file).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import model_files
+from .checkpoints import load_generator, load_renderer
+from .errors import InputError
+from .generator import MotionGenerator
+from .generator.audio import AudioEncoder
+from .media.audio import check_audio, load_audio, to_mono_16k
+from .media.face import CropBox, crop_box, crop_face, paste_back, stable_video_box
+from .media.images import load_image, to_model_input
+from .media.video import VideoWriter, read_video, video_info
+from .pipeline import encode_identity, encode_motion, generate_motion, render_batches
+from .renderer import IMTRenderer
+
+log = logging.getLogger(__name__)
+
+#: progress(stage, done, total): stages are "audio", "motion" and "render".
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Models:
+    renderer: IMTRenderer
+    generator: MotionGenerator | None = None
+    audio_encoder: AudioEncoder | None = None
+
+
+def load_models(models_dir: str | os.PathLike | None = None, device: str = "cpu",
+                dtype: torch.dtype = torch.float32, audio: bool = True, download: bool = True) -> Models:
+    """Load the renderer and, for audio-driven work, the generator and wav2vec2 from a models folder."""
+    root = model_files.ensure_models(models_dir, download=download)
+    renderer = load_renderer(model_files.model_path(root, model_files.RENDERER_FILE), device, dtype)
+    if not audio:
+        return Models(renderer)
+    generator = load_generator(model_files.model_path(root, model_files.GENERATOR_FILE), device, dtype)
+    from . import load_audio_encoder
+    encoder = load_audio_encoder(root / model_files.WAV2VEC2_DIR, device, dtype)
+    return Models(renderer, generator, encoder)
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """crop: find the face and crop around it (scale × the detected box); otherwise the whole image
+    is resized to 512². paste_back: composite the frames into the full original image/video frame."""
+
+    crop: bool = True
+    scale: float = 1.6
+    on_no_face: str = "error"
+    paste_back: bool = False
+    feather: float = 0.1
+
+
+def load_controls(path: str | os.PathLike | None, width: int, name: str) -> torch.Tensor | None:
+    """A per-frame control sequence `[T, width]` from `.npy`, `.txt`/`.csv` or `.pt` (a tensor, or
+    a dict with `pose_params`/`cam` as written by SMIRK, which the reference reads)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{name} file not found: '{path}'")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            data = np.load(path, allow_pickle=False)
+        elif suffix in (".txt", ".csv"):
+            data = np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2)
+        elif suffix in (".pt", ".pth"):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(data, dict):
+                key = {"pose": "pose_params", "cam": "cam"}.get(name, name)
+                if key not in data:
+                    raise InputError(f"{path.name} has no '{key}' entry (found {sorted(data)})")
+                data = data[key]
+        else:
+            raise InputError(f"{name} file '{path.name}' must be .npy, .txt, .csv or .pt")
+    except (OSError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"cannot read {name} file '{path}': {err}") from err
+    seq = torch.as_tensor(np.asarray(data, dtype=np.float32))
+    if seq.dim() != 2 or seq.shape[1] != width:
+        raise InputError(f"{name} file '{path.name}' must hold a [frames, {width}] table, got {list(seq.shape)}")
+    return seq
+
+
+def _prepare_source(image_path, crop: CropSettings, size: int) -> tuple[torch.Tensor, np.ndarray, CropBox | None]:
+    image = load_image(image_path)
+    if not crop.crop:
+        return to_model_input(image, size), image, None
+    face, box = crop_face(image, crop.scale, size, on_no_face=crop.on_no_face, name=Path(image_path).name)
+    return to_model_input(face, size), image, box
+
+
+def _to_hwc(frames: torch.Tensor) -> torch.Tensor:
+    return frames.permute(0, 2, 3, 1)
+
+
+def audio_to_video(models: Models, image_path: str | os.PathLike, audio_path: str | os.PathLike,
+                   output_path: str | os.PathLike, crop: CropSettings = CropSettings(), seed: int = 42,
+                   steps: int = 10, cfg_scale: float = 3.0, pose: torch.Tensor | None = None,
+                   cam: torch.Tensor | None = None, gaze: torch.Tensor | None = None, batch_size: int = 4,
+                   noise_device: str = "cpu", audio_window_frames: int | None = 1500,
+                   progress: Progress | None = None) -> Path:
+    """Portrait + speech → talking-face MP4 (25 fps, the audio muxed in). Returns the output path.
+
+    The video has `ceil(seconds × 25)` frames; the audio track is the input audio unchanged.
+    """
+    if models.generator is None or models.audio_encoder is None:
+        raise InputError("audio-driven generation needs the generator and wav2vec2; load them with audio=True")
+    fps = int(models.generator.cfg.fps)
+    size = models.renderer.cfg.image_size
+    waveform, rate = load_audio(audio_path)
+    wave16 = to_mono_16k(waveform, rate)
+    check_audio(wave16, name=Path(audio_path).name)
+    source, original, box = _prepare_source(image_path, crop, size)
+    with VideoWriter(output_path, fps, audio=(waveform, rate)) as writer:
+        device = next(models.audio_encoder.parameters()).device
+        features = models.audio_encoder(torch.from_numpy(wave16).to(device), window_frames=audio_window_frames,
+                                        callback=_stage(progress, "audio"))
+        identity = encode_identity(models.renderer, source)
+        motion = generate_motion(models.generator, features, identity.motion, pose=pose, cam=cam, gaze=gaze,
+                                 cfg_scale=cfg_scale, steps=steps, seed=seed, noise_device=noise_device,
+                                 callback=_stage(progress, "motion"))
+        log.info("%s: %d samples at 16 kHz → %d frames", Path(audio_path).name, len(wave16), motion.shape[0])
+        for frames in render_batches(models.renderer, identity, motion, batch_size,
+                                     callback=_stage(progress, "render")):
+            frames = _to_hwc(frames)
+            if crop.paste_back and box is not None:
+                frames = paste_back(frames, box, original, crop.feather)
+            writer.write(frames)
+    return Path(output_path)
+
+
+def video_to_video(models: Models, image_path: str | os.PathLike, video_path: str | os.PathLike,
+                   output_path: str | os.PathLike, crop: CropSettings = CropSettings(), batch_size: int = 4,
+                   keep_audio: bool = True, max_frames: int | None = None,
+                   progress: Progress | None = None) -> Path:
+    """Source portrait + driving video → reenacted MP4 at the driving video's frame rate.
+
+    Driving frames are cropped with one stable box for the whole clip (median face box), so the
+    face's own motion is kept; frames where the face is lost are still used as they are.
+    """
+    size = models.renderer.cfg.image_size
+    info = video_info(video_path)
+    source, original, box = _prepare_source(image_path, crop, size)
+    driving_box = stable_video_box(read_video(video_path, max_frames), crop.scale) if crop.crop else None
+    audio = None
+    if keep_audio and info.has_audio:
+        audio = load_audio(video_path)
+    # Pass 1: driving motion, streamed in batches (latents are tiny; frames are never all held).
+    motion_parts = []
+    batch: list[torch.Tensor] = []
+    total = info.frame_count_estimate
+    motion_progress = _stage(progress, "motion")
+
+    def flush():
+        images = torch.cat(batch)
+        motion_parts.append(encode_motion(models.renderer, images, batch_size))
+        batch.clear()
+        if motion_progress is not None:
+            done = sum(len(m) for m in motion_parts)
+            motion_progress(done, max(done, total))
+
+    for frame in read_video(video_path, max_frames):
+        if driving_box is not None:
+            frame = crop_box(frame, driving_box, size)
+        batch.append(to_model_input(frame, size))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not motion_parts:
+        raise InputError(f"'{Path(video_path).name}' has no decodable video frames")
+    motion = torch.cat(motion_parts)
+    identity = encode_identity(models.renderer, source)
+    with VideoWriter(output_path, info.fps, audio=audio) as writer:
+        for frames in render_batches(models.renderer, identity, motion, batch_size,
+                                     callback=_stage(progress, "render")):
+            frames = _to_hwc(frames)
+            if crop.paste_back and box is not None:
+                frames = paste_back(frames, box, original, crop.feather)
+            writer.write(frames)
+    return Path(output_path)
+
+
+def _stage(progress: Progress | None, stage: str):
+    if progress is None:
+        return None
+    return lambda done, total: progress(stage, done, total)

@@ -1,0 +1,89 @@
+"""End to end from files: the command line and the runner on stand-in weights and real media."""
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+import soundfile
+
+from imtalker_core import cli, runner
+from imtalker_core.errors import InputError
+
+FPS = 25
+
+
+def decode(path):
+    """(frame count, frame size, video duration s, audio duration s or None, codec, pix_fmt)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f for f in container.decode(stream)]
+        audio = None
+        if container.streams.audio:
+            a = container.streams.audio[0]
+            audio = float(a.duration * a.time_base) if a.duration else None
+        return (len(frames), (frames[0].width, frames[0].height), len(frames) / float(stream.average_rate),
+                audio, stream.codec_context.name, stream.codec_context.pix_fmt)
+
+
+@pytest.fixture(scope="module")
+def speech_excerpt(tmp_path_factory, media_dir):
+    """0.3 s of the test speech, 44.1 kHz stereo: 13230 samples → 4800 at 16 kHz → ceil(7.5) = 8 frames."""
+    data, rate = soundfile.read(media_dir / "speech_44k_stereo.wav", dtype="float32")
+    path = tmp_path_factory.mktemp("audio") / "speech_0.3s.wav"
+    start = rate // 2
+    soundfile.write(path, data[start:start + int(0.3 * rate)], rate)
+    return path
+
+
+def test_audio_command_end_to_end(tmp_path, standin_dir, media_dir, speech_excerpt, caplog):
+    out = tmp_path / "talk.mp4"
+    code = cli.main(["audio", str(media_dir / "photo_512.png"), str(speech_excerpt), "-o", str(out),
+                     "--models", str(standin_dir), "--no-download", "--device", "cpu", "--steps", "3",
+                     "--batch-size", "4"])
+    assert code == 0, caplog.text
+    frames, size, duration, audio, codec, pix_fmt = decode(out)
+    assert frames == 8 and size == (512, 512)
+    assert duration == pytest.approx(8 / FPS)
+    assert audio == pytest.approx(0.3, abs=0.05)
+    assert (codec, pix_fmt) == ("h264", "yuv420p")
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_video_reenactment_with_paste_back(tmp_path, standin_dir, media_dir):
+    models = runner.load_models(standin_dir, audio=False, download=False)
+    out = tmp_path / "reenact.mp4"
+    runner.video_to_video(models, media_dir / "painting_rgba.png", media_dir / "driving_short.mp4", out,
+                          runner.CropSettings(paste_back=True), batch_size=2, max_frames=2)
+    frames, size, _, audio, codec, _ = decode(out)
+    from imtalker_core.media.images import load_image
+    h, w = load_image(media_dir / "painting_rgba.png").shape[:2]
+    assert frames == 2 and codec == "h264"
+    assert size == (w - w % 2, h - h % 2)
+
+
+def test_missing_models_name_the_files(tmp_path, media_dir, speech_excerpt, caplog):
+    code = cli.main(["audio", str(media_dir / "photo_512.png"), str(speech_excerpt), "-o", str(tmp_path / "x.mp4"),
+                     "--models", str(tmp_path / "empty"), "--no-download"])
+    assert code == 2
+    assert "renderer.ckpt" in caplog.text and "wav2vec2-base-960h/config.json" in caplog.text
+    assert "huggingface.co/cbsjtu01/IMTalker" in caplog.text
+
+
+def test_unreadable_image_is_reported(tmp_path, standin_dir, speech_excerpt, caplog):
+    bad = tmp_path / "face.png"
+    bad.write_bytes(b"not an image")
+    code = cli.main(["audio", str(bad), str(speech_excerpt), "-o", str(tmp_path / "x.mp4"),
+                     "--models", str(standin_dir), "--no-download"])
+    assert code == 2 and "face.png" in caplog.text
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_control_files(tmp_path):
+    np.save(tmp_path / "pose.npy", np.zeros((10, 3), np.float32))
+    np.savetxt(tmp_path / "gaze.csv", np.ones((4, 2)), delimiter=",")
+    assert runner.load_controls(tmp_path / "pose.npy", 3, "pose").shape == (10, 3)
+    assert runner.load_controls(tmp_path / "gaze.csv", 2, "gaze").shape == (4, 2)
+    with pytest.raises(InputError, match=r"\[frames, 2\]"):
+        runner.load_controls(tmp_path / "pose.npy", 2, "gaze")
+    with pytest.raises(InputError, match="not found"):
+        runner.load_controls(tmp_path / "none.npy", 3, "pose")
