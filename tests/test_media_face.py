@@ -1,0 +1,228 @@
+"""Tests for imtalker_core.media.face: detection, crop geometry, stable video boxes, paste-back."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imtalker_core.errors import InputError
+from imtalker_core.media.face import (CropBox, box_around, center_box, crop_box, crop_face, detect_faces,
+                                      paste_back, paste_mask, stable_video_box)
+from imtalker_core.media.images import load_image
+from imtalker_core.media.video import read_video
+
+DATA = Path(__file__).parent / "data" / "media"
+PORTRAITS = ["photo_512.png", "statue_256.png", "painting_rgba.png"]
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    return load_image(DATA / "photo_512.png")
+
+
+@pytest.mark.parametrize("name", PORTRAITS)
+def test_face_found_in_each_portrait(name: str) -> None:
+    image = load_image(DATA / name)
+    faces = detect_faces(image)
+    assert faces, f"no face detected in {name}"
+    x, y, w, h = faces[0]
+    height, width = image.shape[:2]
+    # The vendored portraits are head shots: the face is big and roughly central.
+    assert 0.2 * width < w < 0.95 * width
+    assert abs((x + w / 2) - width / 2) < 0.25 * width
+    assert abs((y + h / 2) - height / 2) < 0.3 * height
+    crop, box = crop_face(image, size=128, name=name)
+    assert crop.shape == (128, 128, 3) and crop.dtype == np.float32
+    assert box.size == 2 * int(max(w, h) * 1.6 / 2)
+
+
+def test_detection_is_scale_invariant(photo: np.ndarray) -> None:
+    # Detection runs on a downscaled copy; boxes must come back in source pixels.
+    big = np.repeat(np.repeat(photo, 2, axis=0), 2, axis=1)
+    (x, y, w, h), (bx, by, bw, bh) = detect_faces(photo)[0], detect_faces(big)[0]
+    assert abs(bw - 2 * w) <= 0.1 * bw and abs(bx - 2 * x) <= 0.1 * bw and abs(by - 2 * y) <= 0.1 * bw
+
+
+def test_largest_face_wins(photo: np.ndarray) -> None:
+    canvas = np.full((600, 1200, 3), 0.5, dtype=np.float32)
+    canvas[50:562, 640:1152] = photo
+    small = photo[::2, ::2]
+    canvas[300:556, 40:296] = small
+    faces = detect_faces(canvas)
+    assert len(faces) >= 2
+    x, _, w, _ = faces[0]
+    assert x >= 640 and w > faces[1][2]
+
+
+def test_box_geometry_matches_reference() -> None:
+    # Reference: centre = (x1 + x2) // 2, half side = int(max(w, h) * 0.8).
+    box = box_around((100, 50, 81, 101), image_h=400, image_w=300)
+    half = int(101 * 0.8)
+    assert box == CropBox(140 - half, 100 - half, 2 * half, 400, 300)
+    assert box.x1 == box.x0 + box.size and box.y1 == box.y0 + box.size
+
+
+def test_crop_pads_with_black_outside_the_image() -> None:
+    image = np.full((100, 80, 3), 0.75, dtype=np.float32)
+    box = box_around((50, 0, 30, 30), image_h=100, image_w=80, scale=2.0)  # reaches past top and right
+    assert box.y0 < 0 and box.x1 > 80
+    crop = crop_box(image, box)
+    assert crop.shape == (box.size, box.size, 3)
+    assert np.all(crop[: -box.y0] == 0.0) and np.all(crop[:, 80 - box.x0:] == 0.0)
+    assert np.all(crop[-box.y0:, : 80 - box.x0] == 0.75)
+    # Exact crop pixels, not just a constant: compare against a manual slice.
+    ramp = np.random.default_rng(1).random((100, 80, 3), dtype=np.float32)
+    inner = CropBox(10, 20, 40, 100, 80)
+    np.testing.assert_array_equal(crop_box(ramp, inner), ramp[20:60, 10:50])
+
+
+def test_fit_inside_slides_the_box_like_the_reference() -> None:
+    box = box_around((50, 0, 30, 30), image_h=100, image_w=80, scale=2.0, fit_inside=True)
+    assert 0 <= box.x0 and box.x1 <= 80 and 0 <= box.y0 and box.y1 <= 100
+    huge = box_around((0, 0, 80, 100), image_h=100, image_w=80, scale=3.0, fit_inside=True)
+    assert huge.size == 80 and (huge.x0, huge.x1) == (0, 80)
+
+
+def test_crop_resizes_and_keeps_range() -> None:
+    image = (np.indices((64, 64)).sum(0) % 2).astype(np.float32)[..., None].repeat(3, -1)  # checkerboard
+    box = CropBox(0, 0, 64, 64, 64)
+    down = crop_box(image, box, 16)
+    np.testing.assert_allclose(down, 0.5, atol=1e-6)  # area averaging, no aliasing
+    up = crop_box(image, box, 200)
+    assert up.shape == (200, 200, 3) and up.min() >= 0.0 and up.max() <= 1.0
+
+
+def test_crop_face_accepts_torch_and_uint8(photo: np.ndarray) -> None:
+    crop_np, box_np = crop_face(photo, size=64)
+    crop_t, box_t = crop_face(torch.from_numpy(photo), size=64)
+    assert isinstance(crop_t, torch.Tensor) and box_t == box_np
+    np.testing.assert_allclose(crop_t.numpy(), crop_np)
+    crop_u8, _ = crop_face(np.round(photo * 255).astype(np.uint8), size=64)
+    assert crop_u8.dtype == np.float32 and crop_u8.max() <= 1.0
+    np.testing.assert_allclose(crop_u8, crop_np, atol=2 / 255)
+
+
+def test_no_face_error_and_center_fallback(caplog: pytest.LogCaptureFixture) -> None:
+    blank = np.full((120, 200, 3), 0.3, dtype=np.float32)
+    with pytest.raises(InputError, match=r"No face found in wall\.png; use a centre crop \(on_no_face='center'\)"):
+        crop_face(blank, name="wall.png")
+    with caplog.at_level(logging.WARNING, logger="imtalker_core.media.face"):
+        crop, box = crop_face(blank, size=32, on_no_face="center")
+    assert box == center_box(120, 200) == CropBox(40, 0, 120, 120, 200)
+    assert crop.shape == (32, 32, 3)
+    assert "no face found" in caplog.text
+    with pytest.raises(InputError, match="on_no_face must be 'error' or 'center', got 'skip'"):
+        crop_face(blank, on_no_face="skip")  # type: ignore[arg-type]
+
+
+def test_stable_box_on_driving_video() -> None:
+    box = stable_video_box(read_video(DATA / "driving_short.mp4"), sample_every=10)
+    assert (box.image_h, box.image_w) == (512, 512)
+    # A talking head fills most of the 512 px frame; the box is large and roughly centred.
+    assert 200 < box.size < 900
+    assert abs(box.x0 + box.size / 2 - 256) < 100 and abs(box.y0 + box.size / 2 - 256) < 120
+    # The median is robust: sampling different frames gives nearly the same box.
+    other = stable_video_box(read_video(DATA / "driving_short.mp4"), sample_every=7)
+    assert abs(other.size - box.size) < 0.1 * box.size and abs(other.x0 - box.x0) < 0.1 * box.size
+
+
+def test_stable_box_uses_the_median(photo: np.ndarray) -> None:
+    blank = np.zeros_like(photo)
+    shifted = np.zeros_like(photo)
+    shifted[:, 40:] = photo[:, :-40]
+    # Two frames with the face at the same place, one shifted, two without a face (ignored).
+    frames = [photo, blank, photo, shifted, blank]
+    box = stable_video_box(frames, sample_every=1)
+    single = box_around(detect_faces(photo)[0], 512, 512)
+    assert abs(box.x0 - single.x0) <= 1 and abs(box.size - single.size) <= 2
+    # Every-2nd sampling sees photo, photo, blank: still the same box; also from a torch batch.
+    assert stable_video_box(torch.from_numpy(np.stack(frames)), sample_every=2) == box
+
+
+def test_stable_box_without_faces_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    frames = (np.zeros((90, 160, 3), dtype=np.uint8) for _ in range(5))
+    with caplog.at_level(logging.WARNING, logger="imtalker_core.media.face"):
+        box = stable_video_box(frames, sample_every=2)
+    assert box == CropBox(35, 0, 90, 90, 160)
+    assert "no face found in any of 3 sampled video frames" in caplog.text
+    with pytest.raises(InputError, match="no frames"):
+        stable_video_box([])
+
+
+def test_paste_mask_shape_and_ramp() -> None:
+    box = CropBox(20, 10, 100, 150, 200)
+    mask = paste_mask(box, (150, 200), feather=0.1)
+    assert mask.shape == (150, 200) and mask.dtype == np.float32
+    assert mask.min() == 0.0 and mask.max() == 1.0
+    inside = np.zeros_like(mask, dtype=bool)
+    inside[10:110, 20:120] = True
+    assert np.all(mask[~inside] == 0.0) and np.all(mask[inside] > 0.0)
+    assert np.all(mask[20:100, 30:110] == 1.0)  # deeper than 10 px from the edge
+    row = mask[60, 20:70]
+    assert np.all(np.diff(row) >= 0) and row[0] < 0.05  # smooth ramp up from the edge
+    hard = paste_mask(box, (150, 200), feather=0.0)
+    np.testing.assert_array_equal(hard, inside.astype(np.float32))
+    with pytest.raises(InputError, match="feather.*0.7"):
+        paste_mask(box, (150, 200), feather=0.7)
+    with pytest.raises(InputError, match="200x150 image, but the original is 100x100"):
+        paste_mask(box, (100, 100))
+
+
+def test_paste_mask_box_beyond_the_image() -> None:
+    box = CropBox(-50, 60, 200, 200, 120)
+    mask = paste_mask(box, (200, 120), feather=0.1)
+    assert mask.shape == (200, 120)
+    assert np.all(mask[:60] == 0.0)  # above the box
+    assert mask[130, 0] == 1.0 and mask[130, 119] == 1.0  # box runs past both side borders: no seam
+
+
+@pytest.mark.parametrize("box", [CropBox(30, 20, 90, 140, 160), CropBox(-40, 80, 150, 140, 160)])
+def test_paste_back_keeps_everything_outside_the_mask(box: CropBox) -> None:
+    rng = np.random.default_rng(2)
+    original = rng.random((140, 160, 3), dtype=np.float32)
+    frames = rng.random((3, 64, 64, 3), dtype=np.float32)
+    out = paste_back(frames, box, original, feather=0.1)
+    assert out.shape == (3, 140, 160, 3) and out.dtype == np.float32
+    outside = paste_mask(box, (140, 160), 0.1) == 0
+    for t in range(3):
+        assert np.array_equal(out[t][outside], original[outside])
+    changed = ~np.isclose(out[0], original).all(axis=-1)
+    assert changed.any() and not changed[outside].any()
+
+
+def test_paste_back_reproduces_the_crop() -> None:
+    # Cropping then pasting back the unmodified crop at full resolution restores the original.
+    original = np.random.default_rng(3).random((100, 120, 3), dtype=np.float32)
+    box = CropBox(10, 5, 80, 100, 120)
+    crop = crop_box(original, box)
+    restored = paste_back(crop, box, original, feather=0.2)
+    assert restored.shape == original.shape
+    np.testing.assert_allclose(restored, original, atol=1e-6)
+    # Deep inside the mask the result is the generated frame itself.
+    gray = np.full((1, 80, 80, 3), 0.5, dtype=np.float32)
+    out = paste_back(gray, box, original, feather=0.1)
+    np.testing.assert_allclose(out[0, 30:60, 40:80], 0.5, atol=1e-6)
+
+
+def test_paste_back_torch_in_torch_out() -> None:
+    original = torch.rand(64, 48, 3)
+    frames = torch.rand(2, 32, 32, 3)
+    box = CropBox(4, 10, 40, 64, 48)
+    out = paste_back(frames, box, original)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 64, 48, 3) and out.dtype == torch.float32
+    np.testing.assert_array_equal(out.numpy(), paste_back(frames.numpy(), box, original.numpy()))
+    uint8_original = (original * 255).round().to(torch.uint8)
+    out_u8 = paste_back(frames, box, uint8_original)
+    outside = paste_mask(box, (64, 48), 0.1) == 0
+    np.testing.assert_array_equal(out_u8[0].numpy()[outside], uint8_original.numpy()[outside] / np.float32(255))
+
+
+def test_paste_back_rejects_wrong_shapes() -> None:
+    box = CropBox(0, 0, 32, 64, 64)
+    with pytest.raises(InputError, match=r"\[T, S, S, 3\].*\(2, 32, 16, 3\)"):
+        paste_back(np.zeros((2, 32, 16, 3), np.float32), box, np.zeros((64, 64, 3), np.float32))
+    with pytest.raises(InputError, match="64x64 image, but the original is 32x32"):
+        paste_back(np.zeros((1, 32, 32, 3), np.float32), box, np.zeros((32, 32, 3), np.float32))

@@ -1,0 +1,299 @@
+"""Tests for imtalker_core.media.video: reading frames, and writing H.264/AAC MP4 files safely."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import imtalker_core.media.video as video_module
+from imtalker_core.errors import InputError
+from imtalker_core.media.video import OutputWriteError, VideoWriter, read_video, video_info, write_video
+
+DATA = Path(__file__).parent / "data" / "media"
+DRIVING = DATA / "driving_short.mp4"
+
+
+def _frames(count: int, height: int = 64, width: int = 80, seed: int = 0) -> np.ndarray:
+    """Smooth moving float frames [T, H, W, 3] in [0, 1] (compress well, decode recognisably)."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    t = np.arange(count)[:, None, None] / 10 + seed
+    base = 0.5 + 0.4 * np.sin(2 * np.pi * (x[None] + y[None] + t))
+    return np.stack([base, np.roll(base, 5, axis=2), 1 - base], axis=-1).astype(np.float32)
+
+
+def _probe(path: Path) -> dict[str, Any]:
+    """Decode a written file back with PyAV and summarise its streams."""
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        result: dict[str, Any] = {
+            "codec": video.codec_context.name, "pix_fmt": video.codec_context.pix_fmt,
+            "fps": video.average_rate, "size": (video.height, video.width),
+            "duration": float(video.duration * video.time_base),
+            "audio": None,
+        }
+        if container.streams.audio:
+            audio = container.streams.audio[0]
+            result["audio"] = {"codec": audio.codec_context.name, "rate": audio.rate,
+                               "channels": audio.codec_context.channels,
+                               "duration": float(audio.duration * audio.time_base)}
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    result["frames"] = np.stack(frames)
+    return result
+
+
+def test_read_driving_video() -> None:
+    frames = list(read_video(DRIVING))
+    assert len(frames) == 100
+    assert all(f.shape == (512, 512, 3) and f.dtype == np.uint8 for f in frames[:3])
+    assert not np.array_equal(frames[0], frames[50])  # the head moves
+    assert len(list(read_video(DRIVING, max_frames=7))) == 7
+    assert list(read_video(DRIVING, max_frames=0)) == []
+
+
+def test_video_info() -> None:
+    info = video_info(DRIVING)
+    assert info.fps == 25.0 and (info.width, info.height) == (512, 512)
+    assert abs(info.frame_count_estimate - 100) <= 1 and info.has_audio and info.rotation == 0
+
+
+def test_read_video_errors_are_raised_at_the_call(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"not found: .*missing\.mp4"):
+        read_video(tmp_path / "missing.mp4")  # no next(): the check is eager
+    (tmp_path / "junk.mp4").write_bytes(b"not a video" * 100)
+    with pytest.raises(InputError, match=r"Could not read video 'junk\.mp4'"):
+        read_video(tmp_path / "junk.mp4")
+    soundfile.write(tmp_path / "voice.wav", np.zeros(1600, np.float32), 16000)
+    with pytest.raises(InputError, match=r"voice\.wav' has no video stream"):
+        video_info(tmp_path / "voice.wav")
+    with pytest.raises(InputError, match=r"voice\.wav' has no video stream"):
+        read_video(tmp_path / "voice.wav")
+
+
+def test_rotation_metadata_is_applied(tmp_path: Path) -> None:
+    # Stored landscape with a white stripe on the left, flagged like a phone portrait video.
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :8] = 255
+    path = tmp_path / "portrait.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(-90)
+        for i in range(2):
+            frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    frame = next(read_video(path))
+    assert frame.shape == (64, 32, 3)  # upright portrait
+    assert frame[:6].mean() > 200 and frame[10:].mean() < 30  # left stripe turned clockwise to the top
+    info = video_info(path)
+    assert (info.width, info.height, info.rotation) == (32, 64, -90 % 360)
+
+
+def test_write_video_with_audio_round_trip(tmp_path: Path) -> None:
+    frames = _frames(30)
+    rate = 16000
+    waveform = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(1.2 * rate)) / rate)).astype(np.float32)[None]
+    out = tmp_path / "result.mp4"
+    with VideoWriter(out, fps=25, audio=(waveform, rate)) as writer:
+        for start in range(0, 30, 8):  # batches as they come from the renderer
+            writer.write(frames[start:start + 8])
+    assert out.exists() and not (tmp_path / "result.partial.mp4").exists()
+    probe = _probe(out)
+    assert probe["codec"] == "h264" and probe["pix_fmt"] == "yuv420p"
+    assert probe["fps"] == 25 and probe["size"] == (64, 80)
+    assert len(probe["frames"]) == 30
+    assert abs(probe["duration"] - 30 / 25) <= 1 / 25
+    audio = probe["audio"]
+    assert audio["codec"] == "aac" and audio["rate"] == 16000 and audio["channels"] == 1
+    assert abs(audio["duration"] - 30 / 25) <= 1 / 25  # 1.2 s of sound for 1.2 s of video
+    # H.264 at crf 18 is lossy but close.
+    decoded = probe["frames"].astype(np.float32) / 255
+    assert np.abs(decoded - frames).mean() < 0.02
+
+
+def test_audio_longer_than_video_is_trimmed_and_stereo_kept(tmp_path: Path) -> None:
+    waveform, rate = soundfile.read(DATA / "speech_44k_stereo.wav", dtype="float32", always_2d=True)
+    out = write_video(tmp_path / "a.mp4", _frames(25), fps=25, audio=(torch.from_numpy(waveform.T.copy()), rate))
+    audio = _probe(out)["audio"]
+    assert audio["rate"] == 44100 and audio["channels"] == 2
+    assert abs(audio["duration"] - 1.0) <= 1 / 25  # the 7.7 s file is cut to the 1 s video
+
+
+def test_unusual_sample_rate_and_many_channels(tmp_path: Path) -> None:
+    waveform = np.random.default_rng(0).uniform(-0.1, 0.1, (3, 22000)).astype(np.float32)
+    out = write_video(tmp_path / "odd.mp4", _frames(25), fps=25, audio=(waveform, 22000))
+    audio = _probe(out)["audio"]
+    assert audio["rate"] == 48000 and audio["channels"] == 1
+    assert abs(audio["duration"] - 1.0) <= 1 / 25
+
+
+def test_odd_frame_size_is_padded(tmp_path: Path) -> None:
+    frames = (_frames(3, 33, 47) * 255).round().astype(np.uint8)
+    out = write_video(tmp_path / "odd.mp4", frames, fps=25)
+    probe = _probe(out)
+    assert probe["size"] == (34, 48) and len(probe["frames"]) == 3
+    # The padded row/column repeats the edge, so the border does not turn black or green.
+    np.testing.assert_allclose(probe["frames"][:, -1].astype(float), probe["frames"][:, -2].astype(float), atol=12)
+    assert probe["audio"] is None
+
+
+def test_inputs_uint8_float_torch_single_frames_and_fractional_fps(tmp_path: Path) -> None:
+    frames = _frames(4)
+    out = tmp_path / "mixed.mp4"
+    with VideoWriter(out, fps=Fraction(30000, 1001)) as writer:
+        writer.write(frames[0])  # a single [H, W, 3] frame
+        writer.write(torch.from_numpy(frames[1:2]))
+        writer.write((frames[2:] * 255).round().astype(np.uint8))
+        with pytest.raises(InputError, match="all frames must have one size: got 40x64, but the video is 80x64"):
+            writer.write(np.zeros((1, 64, 40, 3), np.uint8))
+        with pytest.raises(InputError, match=r"\[B, H, W, 3\].*\(1, 64, 80\)"):
+            writer.write(np.zeros((1, 64, 80), np.uint8))
+    probe = _probe(out)
+    assert len(probe["frames"]) == 4 and probe["fps"] == Fraction(30000, 1001)
+
+
+def test_crf_is_passed_to_the_encoder(tmp_path: Path) -> None:
+    frames = _frames(10)
+    fine = write_video(tmp_path / "fine.mp4", frames, fps=25, crf=5, preset="ultrafast")
+    coarse = write_video(tmp_path / "coarse.mp4", frames, fps=25, crf=45, preset="ultrafast")
+    assert fine.stat().st_size > 2 * coarse.stat().st_size
+    with pytest.raises(InputError, match="crf must be between 0.*got 60"):
+        VideoWriter(tmp_path / "x.mp4", 25, crf=60)
+
+
+@pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt])
+def test_exception_inside_writer_removes_partial(tmp_path: Path, exc_type: type[BaseException]) -> None:
+    out = tmp_path / "broken.mp4"
+    with pytest.raises(exc_type):
+        with VideoWriter(out, fps=25) as writer:
+            writer.write(_frames(5))
+            assert writer.partial_path.exists() and writer.partial_path.name == "broken.partial.mp4"
+            raise exc_type("stop")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_keep_partial(tmp_path: Path) -> None:
+    out = tmp_path / "kept.mp4"
+    with pytest.raises(RuntimeError):
+        with VideoWriter(out, fps=25, keep_partial=True) as writer:
+            writer.write(_frames(5))
+            raise RuntimeError("stop")
+    assert sorted(os.listdir(tmp_path)) == ["kept.partial.mp4"]
+
+
+def test_existing_file_is_replaced_only_on_success(tmp_path: Path) -> None:
+    out = tmp_path / "result.mp4"
+    write_video(out, _frames(5), fps=25)
+    before = out.read_bytes()
+    with pytest.raises(RuntimeError):
+        with VideoWriter(out, fps=25) as writer:
+            writer.write(_frames(8, seed=3))
+            raise RuntimeError("stop")
+    assert out.read_bytes() == before  # the old result survives a failed run
+    write_video(out, _frames(8, seed=3), fps=25)
+    assert len(_probe(out)["frames"]) == 8
+
+
+def test_no_frames_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"no frames were written to .*empty\.mp4"):
+        write_video(tmp_path / "empty.mp4", [], fps=25)
+    assert os.listdir(tmp_path) == []
+
+
+def test_unwritable_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root (or on a filesystem without permissions): the folder stays writable")
+        with pytest.raises(InputError, match=r"output folder '.*locked' is not writable"):
+            VideoWriter(folder / "out.mp4", fps=25)
+    finally:
+        folder.chmod(stat.S_IRWXU)
+
+
+def test_unwritable_folder_simulated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Same check without relying on permissions, so it also runs as root.
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(video_module, "open", refuse, raising=False)
+    with pytest.raises(InputError, match=r"output folder '.*' is not writable \(Permission denied\)"):
+        VideoWriter(tmp_path / "out.mp4", fps=25)
+
+
+def test_output_folder_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"Cannot create the output folder '.*file'"):
+        VideoWriter(tmp_path / "file" / "out.mp4", fps=25)
+
+
+def test_missing_output_folder_is_created(tmp_path: Path) -> None:
+    out = write_video(tmp_path / "new" / "deeper" / "out.mp4", _frames(2), fps=25)
+    assert out.exists()
+
+
+class _FullDisk:
+    """Stands in for the PyAV container: every write fails with ENOSPC, close still works."""
+
+    def __init__(self, container: Any, fail_on: str) -> None:
+        self._container = container
+        self._fail_on = fail_on
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._container, name)
+
+    def mux(self, packet: Any) -> None:
+        if self._fail_on == "mux":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._container.mux(packet)
+
+    def close(self) -> None:
+        self._container.close()
+        if self._fail_on == "close":
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("fail_on", ["mux", "close"])
+def test_disk_full(tmp_path: Path, fail_on: str) -> None:
+    out = tmp_path / "big.mp4"
+    with pytest.raises(OutputWriteError, match=r"Could not write '.*big\.mp4': the disk is full") as caught:
+        with VideoWriter(out, fps=25, audio=(np.zeros((1, 16000), np.float32), 16000)) as writer:
+            writer._container = _FullDisk(writer._container, fail_on)
+            for _ in range(4):
+                writer.write(_frames(10))  # libx264 buffers frames, so packets appear after a few
+    assert caught.value.errno == errno.ENOSPC and isinstance(caught.value, OSError)
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_video_streams_its_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Memory stays bounded only if each batch is encoded before the next one is produced.
+    events: list[str] = []
+    original_write = VideoWriter.write
+
+    def recording_write(self: VideoWriter, frames: Any) -> None:
+        events.append("write")
+        original_write(self, frames)
+
+    def generate() -> Any:
+        for i in range(4):
+            events.append("produce")
+            yield _frames(3, seed=i)
+
+    monkeypatch.setattr(VideoWriter, "write", recording_write)
+    out = write_video(tmp_path / "stream.mp4", generate(), fps=25)
+    assert events == ["produce", "write"] * 4
+    assert len(_probe(out)["frames"]) == 12
