@@ -1,0 +1,42 @@
+"""The IMTalker ComfyUI nodes (classic node API).
+
+Import relatively only: ComfyUI has a top-level module named `nodes` too.
+"""
+from __future__ import annotations
+
+from . import bridge
+from .encode import IMTalkerEncodeIdentity, IMTalkerEncodeMotion
+from .face import IMTalkerCropFace, IMTalkerPasteBack
+from .generate import IMTalkerAudioToMotion
+from .loaders import IMTalkerLoadGenerator, IMTalkerLoadRenderer
+from .render import IMTalkerRender, IMTalkerRenderToVideo
+
+NODE_CLASS_MAPPINGS = {
+    "IMTalkerLoadRenderer": IMTalkerLoadRenderer,
+    "IMTalkerLoadGenerator": IMTalkerLoadGenerator,
+    "IMTalkerCropFace": IMTalkerCropFace,
+    "IMTalkerPasteBack": IMTalkerPasteBack,
+    "IMTalkerEncodeIdentity": IMTalkerEncodeIdentity,
+    "IMTalkerEncodeMotion": IMTalkerEncodeMotion,
+    "IMTalkerAudioToMotion": IMTalkerAudioToMotion,
+    "IMTalkerRender": IMTalkerRender,
+    "IMTalkerRenderToVideo": IMTalkerRenderToVideo,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "IMTalkerLoadRenderer": "IMTalker Load Renderer",
+    "IMTalkerLoadGenerator": "IMTalker Load Generator",
+    "IMTalkerCropFace": "IMTalker Crop Face",
+    "IMTalkerPasteBack": "IMTalker Paste Back",
+    "IMTalkerEncodeIdentity": "IMTalker Encode Identity",
+    "IMTalkerEncodeMotion": "IMTalker Encode Motion (video)",
+    "IMTalkerAudioToMotion": "IMTalker Audio To Motion",
+    "IMTalkerRender": "IMTalker Render",
+    "IMTalkerRenderToVideo": "IMTalker Render To Video",
+}
+
+if bridge.inside_comfyui():
+    # Before any INPUT_TYPES call, so the dropdowns list models/imtalker (and extra_model_paths.yaml).
+    bridge.register_model_folder()
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

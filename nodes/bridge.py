@@ -1,0 +1,359 @@
+"""The only module of the pack that talks to ComfyUI.
+
+Everything ComfyUI-specific goes through here: the `models/imtalker` folder (via `folder_paths`),
+devices and dtypes (`comfy.model_management`), model offloading (`comfy.model_patcher`), the
+progress bar (`comfy.utils.ProgressBar`), cancellation, the output folder, and the conversions
+between ComfyUI's IMAGE/AUDIO values and what `imtalker_core` expects.
+
+Running outside ComfyUI (unit tests, scripts) is a *standalone mode* with explicit fallbacks:
+compute on the CPU, no progress bar, no cancellation, model folders from the environment variable
+`IMTALKER_MODELS_DIR` and outputs under `IMTALKER_OUTPUT_DIR` (default `./output`). The mode is
+chosen once: if ComfyUI's modules are already loaded (we are inside a ComfyUI process), a failure
+to import them is an error, never a silent fallback. Standalone mode is logged once at WARNING.
+
+ComfyUI modules are imported inside functions so that importing this package never needs them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..imtalker_core.errors import InputError
+from .types import ManagedModel
+
+log = logging.getLogger(__name__)
+
+MODEL_FOLDER_KEY = "imtalker"
+CHECKPOINT_EXTENSIONS = (".ckpt", ".pt", ".pth", ".safetensors")
+WAV2VEC2_MARKER = "config.json"
+MODELS_ENV = "IMTALKER_MODELS_DIR"
+OUTPUT_ENV = "IMTALKER_OUTPUT_DIR"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+OFFICIAL_FILES_HELP = (
+    "Download the official IMTalker files from https://huggingface.co/cbsjtu01/IMTalker into "
+    "ComfyUI/models/imtalker/: renderer.ckpt, generator.ckpt and the folder wav2vec2-base-960h/ with "
+    "config.json, pytorch_model.bin and preprocessor_config.json (then refresh the browser page).")
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_standalone_logged = False
+
+
+class ComfyUnavailableError(RuntimeError):
+    """ComfyUI's modules are loaded in this process but one of them could not be imported."""
+
+
+# --------------------------------------------------------------------------------------------
+# Mode detection and imports
+# --------------------------------------------------------------------------------------------
+
+def inside_comfyui() -> bool:
+    """True when this process is a ComfyUI server (its `folder_paths` and `comfy` are loaded).
+
+    Custom nodes are imported by ComfyUI after it has imported both, so their presence in
+    `sys.modules` is what tells the two modes apart.
+    """
+    return "folder_paths" in sys.modules and "comfy.model_management" in sys.modules
+
+
+def _comfy(module_name: str) -> Any | None:
+    """ComfyUI module `module_name`, or None in standalone mode (logged once).
+
+    Inside ComfyUI an import failure raises `ComfyUnavailableError`, so a broken install is
+    reported instead of silently running on the CPU without progress or cancellation.
+    """
+    global _standalone_logged
+    if not inside_comfyui():
+        if not _standalone_logged:
+            _standalone_logged = True
+            log.warning("ComfyUI is not loaded: IMTalker nodes run standalone (CPU, no progress bar, "
+                        "no cancellation, models from $%s)", MODELS_ENV)
+        return None
+    import importlib
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as err:
+        raise ComfyUnavailableError(f"IMTalker could not import ComfyUI's {module_name}: {err}. "
+                                    "Update ComfyUI (tested with 0.3.64).") from err
+
+
+# --------------------------------------------------------------------------------------------
+# Model folders
+# --------------------------------------------------------------------------------------------
+
+def register_model_folder() -> None:
+    """Register `models/imtalker` with ComfyUI (no-op standalone). Safe to call repeatedly.
+
+    Paths that `extra_model_paths.yaml` added under the `imtalker` key before us are kept (ComfyUI
+    creates such keys with an empty extension set, which would list every file), and only
+    checkpoint extensions are listed.
+    """
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is None:
+        return
+    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER_KEY)
+    paths = list(folder_paths.folder_names_and_paths.get(MODEL_FOLDER_KEY, ([], set()))[0])
+    if default not in paths:
+        paths.insert(0, default)
+    folder_paths.folder_names_and_paths[MODEL_FOLDER_KEY] = (paths, set(CHECKPOINT_EXTENSIONS))
+
+
+def model_folders() -> list[str]:
+    """The folders searched for IMTalker models, in priority order."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        register_model_folder()
+        return folder_paths.get_folder_paths(MODEL_FOLDER_KEY)
+    return [p for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
+
+
+def _wav2vec2_dirs(root: str) -> list[str]:
+    """Sub-folders of `root` (relative, '/'-separated, up to two levels) holding a config.json."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        rel = os.path.relpath(dirpath, root)
+        if rel != "." and WAV2VEC2_MARKER in filenames:
+            found.append(rel.replace(os.sep, "/"))
+            dirnames.clear()  # a Hugging Face folder's own sub-folders are not further models
+        elif rel.count(os.sep) >= 1:
+            dirnames.clear()
+        dirnames.sort()
+    return found
+
+
+def list_checkpoints() -> list[str]:
+    """Checkpoint files under the model folders (relative names), excluding wav2vec2 folders.
+
+    Only `.ckpt/.pt/.pth/.safetensors`; a wav2vec2 folder's `model.safetensors` is not offered.
+    """
+    names: set[str] = set()
+    for root in model_folders():
+        if not os.path.isdir(root):
+            continue
+        skip = tuple(d + "/" for d in _wav2vec2_dirs(root))
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames.sort()
+            for filename in filenames:
+                if not filename.lower().endswith(CHECKPOINT_EXTENSIONS):
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, filename), root).replace(os.sep, "/")
+                if not rel.startswith(skip):
+                    names.add(rel)
+    return sorted(names)
+
+
+def list_wav2vec2_folders() -> list[str]:
+    """wav2vec2 folders (sub-folders holding a config.json) under the model folders."""
+    names: set[str] = set()
+    for root in model_folders():
+        if os.path.isdir(root):
+            names.update(_wav2vec2_dirs(root))
+    return sorted(names)
+
+
+def _missing_model_message(what: str, name: str) -> str:
+    searched = ", ".join(model_folders()) or f"(none: set ${MODELS_ENV} outside ComfyUI)"
+    return f"IMTalker {what} '{name}' was not found in the model folders ({searched}). {OFFICIAL_FILES_HELP}"
+
+
+def _inside(root: str, name: str) -> str | None:
+    """`root/name` if it stays inside `root` (names come from the prompt and may be edited)."""
+    root = os.path.abspath(root)
+    path = os.path.abspath(os.path.join(root, name))
+    return path if os.path.commonpath((root, path)) == root else None
+
+
+def find_checkpoint(name: str) -> str:
+    """Full path of checkpoint `name` (as listed by `list_checkpoints`); FileNotFoundError if absent."""
+    for root in model_folders():
+        path = _inside(root, name)
+        if path is not None and os.path.isfile(path):
+            return path
+    raise FileNotFoundError(_missing_model_message("model file", name))
+
+
+def find_wav2vec2_folder(name: str) -> str:
+    """Full path of wav2vec2 folder `name`; FileNotFoundError if absent or lacking config.json."""
+    for root in model_folders():
+        path = _inside(root, name)
+        if path is not None and os.path.isfile(os.path.join(path, WAV2VEC2_MARKER)):
+            return path
+    raise FileNotFoundError(_missing_model_message("wav2vec2 folder", name))
+
+
+# --------------------------------------------------------------------------------------------
+# Devices, dtypes and model management
+# --------------------------------------------------------------------------------------------
+
+def compute_device() -> torch.device:
+    """Where models run: ComfyUI's torch device (honours --cpu etc.); the CPU standalone."""
+    mm = _comfy("comfy.model_management")
+    return mm.get_torch_device() if mm is not None else torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    """Where idle models wait: ComfyUI's offload device; the CPU standalone."""
+    mm = _comfy("comfy.model_management")
+    return mm.unet_offload_device() if mm is not None else torch.device("cpu")
+
+
+def intermediate_device() -> torch.device:
+    """Where node outputs (IMAGE, AUDIO, motion) live: the CPU unless ComfyUI runs --gpu-only."""
+    mm = _comfy("comfy.model_management")
+    return mm.intermediate_device() if mm is not None else torch.device("cpu")
+
+
+def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The weight dtype for `precision` ('auto' | 'fp32' | 'fp16' | 'bf16') on `device`.
+
+    'auto' is ComfyUI's choice for the device: fp16 where `should_use_fp16` says it is
+    supported and fast (CUDA, MPS, ...), otherwise fp32 (always on the CPU).
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision != "auto":
+        dtype = _DTYPES[precision]
+        if device.type == "cpu" and dtype != torch.float32:
+            log.warning("%s weights on the CPU are slow and may be unsupported; fp32 is recommended", precision)
+        return dtype
+    mm = _comfy("comfy.model_management")
+    if mm is not None and mm.should_use_fp16(device):
+        return torch.float16
+    return torch.float32
+
+
+def manage_model(module: torch.nn.Module, name: str, dtype: torch.dtype) -> ManagedModel:
+    """Wrap a freshly loaded module (on the offload device) so ComfyUI can move and evict it."""
+    model_patcher = _comfy("comfy.model_patcher")
+    if model_patcher is None:
+        return ManagedModel(module, None, name, dtype)
+    patcher = model_patcher.ModelPatcher(module, load_device=compute_device(), offload_device=offload_device())
+    return ManagedModel(module, patcher, name, dtype)
+
+
+def ensure_loaded(model: ManagedModel, memory_required: int = 0) -> torch.nn.Module:
+    """Move `model` to its compute device through ComfyUI's model management; returns the module.
+
+    Call right before each use: another node may have evicted it since. `memory_required` is an
+    estimate of activation memory in bytes, so ComfyUI frees that much too. The load is full
+    (`force_full_load`) because the modules are plain torch layers, which cannot run partly
+    offloaded the way `comfy.ops` layers can.
+    """
+    if model.patcher is None:
+        return model.module
+    mm = _comfy("comfy.model_management")
+    mm.load_models_gpu([model.patcher], memory_required=int(memory_required), force_full_load=True)
+    return model.patcher.model
+
+
+# --------------------------------------------------------------------------------------------
+# Progress and cancellation
+# --------------------------------------------------------------------------------------------
+
+class Progress:
+    """`callback(done, total)` for `imtalker_core`, shown as ComfyUI's node progress bar.
+
+    Standalone it only logs at DEBUG. Inside ComfyUI every update is also a cancel point
+    (ComfyUI's progress hook checks for interruption).
+    """
+
+    def __init__(self, total: int, what: str):
+        self.what = what
+        utils = _comfy("comfy.utils")
+        self._bar = utils.ProgressBar(max(int(total), 1)) if utils is not None else None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is not None:
+            self._bar.update_absolute(int(done), int(total))
+        else:
+            log.debug("%s: %d/%d", self.what, done, total)
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interruption exception if the user pressed Cancel (no-op standalone)."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+# --------------------------------------------------------------------------------------------
+# Output folder
+# --------------------------------------------------------------------------------------------
+
+def output_directory() -> str:
+    """ComfyUI's output folder; standalone `$IMTALKER_OUTPUT_DIR` or `./output`."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        return folder_paths.get_output_directory()
+    return os.path.abspath(os.environ.get(OUTPUT_ENV, "output"))
+
+
+def next_output_path(filename_prefix: str, extension: str, width: int = 0, height: int = 0
+                     ) -> tuple[str, str, str]:
+    """A new `(full_path, filename, subfolder)` in the output folder, numbered like SaveVideo.
+
+    `filename_prefix` may hold sub-folders and ComfyUI's %date% style variables; escaping the
+    output folder is refused.
+    """
+    folder_paths = _comfy("folder_paths")
+    out_dir = output_directory()
+    if folder_paths is not None:
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir, width, height)
+    else:
+        subfolder = os.path.dirname(os.path.normpath(filename_prefix))
+        name = os.path.basename(os.path.normpath(filename_prefix))
+        folder = os.path.abspath(os.path.join(out_dir, subfolder))
+        if os.path.commonpath((out_dir, folder)) != out_dir:
+            raise InputError(f"filename_prefix {filename_prefix!r} points outside the output folder")
+        os.makedirs(folder, exist_ok=True)
+        counter = 1 + sum(1 for f in os.listdir(folder) if f.startswith(name + "_"))
+    os.makedirs(folder, exist_ok=True)
+    filename = f"{name}_{counter:05}_.{extension}"
+    return os.path.join(folder, filename), filename, subfolder
+
+
+# --------------------------------------------------------------------------------------------
+# Conversions between ComfyUI values and imtalker_core tensors
+# --------------------------------------------------------------------------------------------
+
+def image_batch(image: torch.Tensor, name: str) -> torch.Tensor:
+    """Check a ComfyUI IMAGE `[B, H, W, C]` float in [0, 1]; returns it with C = 3 (alpha dropped)."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (3, 4):
+        shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise InputError(f"{name} must be a ComfyUI IMAGE [batch, height, width, 3], got {shape}")
+    if image.shape[0] == 0:
+        raise InputError(f"{name} is an empty image batch")
+    return image[..., :3]
+
+
+def audio_waveform(audio: Any, name: str = "audio") -> tuple[torch.Tensor, int]:
+    """The first clip `[C, S]` (float32, CPU) and sample rate of a ComfyUI AUDIO dict.
+
+    AUDIO is `{"waveform": [B, C, S], "sample_rate": int}`; extra clips of a batch are ignored
+    (logged).
+    """
+    if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
+        raise InputError(f"{name} must be a ComfyUI AUDIO value (a dict with 'waveform' and 'sample_rate'), "
+                         f"got {type(audio).__name__}")
+    waveform = torch.as_tensor(audio["waveform"])
+    if waveform.dim() == 2:
+        waveform = waveform[None]
+    if waveform.dim() != 3 or waveform.shape[0] == 0:
+        raise InputError(f"{name} waveform must be [batch, channels, samples], got {list(waveform.shape)}")
+    if waveform.shape[0] > 1:
+        log.info("%s holds %d clips; using the first", name, waveform.shape[0])
+    return waveform[0].detach().to("cpu", torch.float32), int(audio["sample_rate"])
+
+
+def make_audio(waveform: np.ndarray | torch.Tensor, sample_rate: int) -> dict:
+    """A ComfyUI AUDIO dict from a mono `[S]` or `[C, S]` waveform (batch of one, CPU float32)."""
+    tensor = torch.as_tensor(np.asarray(waveform, dtype=np.float32) if isinstance(waveform, np.ndarray)
+                             else waveform).float().cpu()
+    if tensor.dim() == 1:
+        tensor = tensor[None]
+    return {"waveform": tensor[None].contiguous(), "sample_rate": int(sample_rate)}
+

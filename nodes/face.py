@@ -1,0 +1,112 @@
+"""Face crop and paste-back nodes (thin wrappers of `imtalker_core.media.face`)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..imtalker_core.errors import InputError
+from ..imtalker_core.media.face import CropBox, crop_box, crop_face, paste_back, paste_mask, stable_video_box
+from . import bridge
+from .types import CROP
+
+log = logging.getLogger(__name__)
+
+CROP_SIZE = 512  # the renderer's input size
+# Frames between face detections when one box is chosen for a batch (the reference app's value).
+VIDEO_SAMPLE_EVERY = 15
+
+
+def paste_into(frames: torch.Tensor, box: CropBox, originals: torch.Tensor, feather: float,
+               first_index: int = 0) -> torch.Tensor:
+    """Paste crops `[T, S, S, 3]` into originals: `[T, H, W, 3]` float32 CPU.
+
+    `originals` is IMAGE `[1, H, W, 3]` (one photo for every frame) or `[N, H, W, 3]`, one
+    original per frame, where frame i of this batch uses original `first_index + i` (so a
+    streamed batch can be pasted into the right frames of a video).
+    """
+    originals = bridge.image_batch(originals, "original image").cpu()
+    frames = frames.cpu()
+    if originals.shape[0] == 1:
+        return paste_back(frames, box, originals[0], feather)
+    if first_index + frames.shape[0] > originals.shape[0]:
+        raise InputError(f"{originals.shape[0]} original images for {first_index + frames.shape[0]} frames; "
+                         "give one original image, or exactly one per frame")
+    return torch.stack([paste_back(frame, box, originals[first_index + i], feather)
+                        for i, frame in enumerate(frames)])
+
+
+class IMTalkerCropFace:
+    """Crops the face out of a portrait (or one steady box for a batch of video frames)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {
+                    "tooltip": "A portrait, or a batch of video frames (then one steady box is used for all "
+                               "frames: the median face position over every 15th frame)."}),
+                "scale": ("FLOAT", {
+                    "default": 1.6, "min": 1.0, "max": 4.0, "step": 0.05,
+                    "tooltip": "Crop side as a multiple of the detected face size (1.6 as in the reference). "
+                               "Larger keeps more hair and shoulders."}),
+                "on_no_face": (["error", "center"], {
+                    "default": "error",
+                    "tooltip": "What to do when no face is found in a single image: stop with an error, or use "
+                               "the centred square. A batch without faces always uses the centred square."}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE", CROP, "MASK")
+    RETURN_NAMES = ("face", "crop", "crop_mask")
+    OUTPUT_TOOLTIPS = (
+        "The square face crop(s), 512×512 (parts outside the photo are black).",
+        "Where the crop lies in the original, for IMTalker Paste Back / Render To Video.",
+        "1 where the crop covers the original image, 0 elsewhere (original size).",
+    )
+    FUNCTION = "crop"
+    CATEGORY = "IMTalker/face"
+    DESCRIPTION = ("Finds the largest face (OpenCV Haar cascade) and crops a 512×512 square around it, as the "
+                   "IMTalker reference does. Connect 'crop' to Paste Back to put the animated face back.")
+
+    def crop(self, image: torch.Tensor, scale: float, on_no_face: str):
+        images = bridge.image_batch(image, "image").cpu()
+        height, width = images.shape[1:3]
+        if images.shape[0] == 1:
+            face, box = crop_face(images[0], scale=scale, size=CROP_SIZE, on_no_face=on_no_face)
+            faces = face[None]
+        else:
+            box = stable_video_box(images, scale=scale, sample_every=VIDEO_SAMPLE_EVERY)
+            faces = torch.stack([crop_box(frame, box, CROP_SIZE) for frame in images])
+        mask = torch.from_numpy(paste_mask(box, (height, width), feather=0.0))[None]
+        return (faces.float().contiguous(), box, mask)
+
+
+class IMTalkerPasteBack:
+    """Puts generated face frames back into the original photo (or video frames)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "frames": ("IMAGE", {"tooltip": "Generated face frames (any square size; upscaled frames are fine)."}),
+                "crop": (CROP, {"tooltip": "The crop box from IMTalker Crop Face."}),
+                "original": ("IMAGE", {
+                    "tooltip": "The image the crop came from: one image for all frames, or one per frame."}),
+                "feather": ("FLOAT", {
+                    "default": 0.1, "min": 0.0, "max": 0.5, "step": 0.01,
+                    "tooltip": "Width of the soft blend at the crop's edge, as a fraction of the crop side "
+                               "(0 = hard edge)."}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("Full-size frames: the original with the animated face blended in.",)
+    FUNCTION = "paste"
+    CATEGORY = "IMTalker/face"
+    DESCRIPTION = "Blends generated face frames back into the original image at the crop position."
+
+    def paste(self, frames: torch.Tensor, crop: CropBox, original: torch.Tensor, feather: float):
+        frames = bridge.image_batch(frames, "frames")
+        return (paste_into(frames, crop, original, feather),)

@@ -1,0 +1,131 @@
+"""Rendering nodes: identity + motion → frames (IMAGE), or streamed straight into an MP4."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ..imtalker_core.errors import InputError
+from ..imtalker_core.media.face import CropBox
+from ..imtalker_core.media.video import VideoWriter
+from ..imtalker_core.pipeline import Identity, render_batches
+from . import bridge
+from .face import paste_into
+from .types import CROP, IDENTITY, MOTION, RENDERER, ManagedModel, Motion
+
+log = logging.getLogger(__name__)
+
+# Rough activation memory of one 512² frame in the renderer (fp32), so ComfyUI frees room for a
+# batch besides the weights when it loads the model. An estimate, not a measurement.
+BYTES_PER_FRAME = 512 * 1024 * 1024
+
+BATCH_SIZE_INPUT = ("INT", {
+    "default": 4, "min": 1, "max": 64,
+    "tooltip": "Frames rendered at once on the GPU: higher is faster until memory runs out."})
+
+
+def _render_setup(renderer: ManagedModel, motion: Motion, batch_size: int):
+    """Load the renderer for `batch_size` frames; returns (module, progress)."""
+    module = bridge.ensure_loaded(renderer, memory_required=batch_size * BYTES_PER_FRAME)
+    return module, bridge.Progress(motion.frames, "rendering frames")
+
+
+class IMTalkerRender:
+    """Renders the talking-face frames as an IMAGE batch."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "renderer": (RENDERER, {"tooltip": "From IMTalker Load Renderer."}),
+                "identity": (IDENTITY, {"tooltip": "From IMTalker Encode Identity."}),
+                "motion": (MOTION, {"tooltip": "From IMTalker Audio To Motion or IMTalker Encode Motion."}),
+                "batch_size": BATCH_SIZE_INPUT,
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("The frames [T, 512, 512, 3] on the CPU. For long clips use IMTalker Render To Video, "
+                       "which does not keep all frames in memory.",)
+    FUNCTION = "render"
+    CATEGORY = "IMTalker"
+    DESCRIPTION = "Draws the portrait with each frame's motion, a batch at a time."
+
+    def render(self, renderer: ManagedModel, identity: Identity, motion: Motion, batch_size: int):
+        module, progress = _render_setup(renderer, motion, batch_size)
+        size = module.cfg.image_size
+        # Filled in place: concatenating batches would need twice the memory at the end.
+        frames = torch.empty(motion.frames, size, size, 3, dtype=torch.float32, device=bridge.intermediate_device())
+        done = 0
+        for batch in render_batches(module, identity, motion.latents, batch_size=batch_size,
+                                    output_device=frames.device, callback=progress,
+                                    check_interrupt=bridge.check_interrupt):
+            frames[done:done + batch.shape[0]] = batch.permute(0, 2, 3, 1)
+            done += batch.shape[0]
+        return (frames,)
+
+
+class IMTalkerRenderToVideo:
+    """Renders and encodes straight into an MP4 (with sound), for clips of any length."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "renderer": (RENDERER, {"tooltip": "From IMTalker Load Renderer."}),
+                "identity": (IDENTITY, {"tooltip": "From IMTalker Encode Identity."}),
+                "motion": (MOTION, {"tooltip": "From IMTalker Audio To Motion or IMTalker Encode Motion; the "
+                                               "video plays at its frame rate."}),
+                "filename_prefix": ("STRING", {
+                    "default": "IMTalker/talking",
+                    "tooltip": "Name of the MP4 in ComfyUI's output folder (may include sub-folders); a counter "
+                               "is appended."}),
+                "batch_size": BATCH_SIZE_INPUT,
+            },
+            "optional": {
+                "audio": ("AUDIO", {"tooltip": "Sound track to mux (e.g. Audio To Motion's audio); cut to the "
+                                               "video's length."}),
+                "crop": (CROP, {"tooltip": "With 'original': paste each frame back into the original image "
+                                           "while streaming (from IMTalker Crop Face)."}),
+                "original": ("IMAGE", {"tooltip": "The image the crop came from (one, or one per frame)."}),
+                "feather": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 0.5, "step": 0.01,
+                                      "tooltip": "Soft edge of the paste-back, as a fraction of the crop side."}),
+            },
+        }
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("video_path",)
+    OUTPUT_TOOLTIPS = ("Full path of the written MP4 file.",)
+    OUTPUT_NODE = True
+    FUNCTION = "render"
+    CATEGORY = "IMTalker"
+    DESCRIPTION = ("Renders a batch of frames at a time and encodes it into an H.264 MP4 in the output folder "
+                   "right away, so memory stays flat for long audio. Optionally pastes the face back into "
+                   "the original photo and muxes the sound.")
+
+    def render(self, renderer: ManagedModel, identity: Identity, motion: Motion, filename_prefix: str,
+               batch_size: int, audio: dict | None = None, crop: CropBox | None = None,
+               original: torch.Tensor | None = None, feather: float = 0.1):
+        if (crop is None) != (original is None):
+            raise InputError("IMTalker Render To Video: connect both 'crop' and 'original' to paste the face "
+                             "back, or neither")
+        module, progress = _render_setup(renderer, motion, batch_size)
+        size = module.cfg.image_size
+        width, height = (crop.image_w, crop.image_h) if crop is not None else (size, size)
+        path, filename, subfolder = bridge.next_output_path(filename_prefix, "mp4", width, height)
+        sound = bridge.audio_waveform(audio) if audio is not None else None
+        done = 0
+        with VideoWriter(path, motion.fps, audio=sound) as writer:
+            for batch in render_batches(module, identity, motion.latents, batch_size=batch_size,
+                                        output_device="cpu", callback=progress,
+                                        check_interrupt=bridge.check_interrupt):
+                frames = batch.permute(0, 2, 3, 1)
+                if crop is not None:
+                    frames = paste_into(frames, crop, original, feather, first_index=done)
+                writer.write(frames)
+                done += batch.shape[0]
+        log.info("IMTalker: wrote %d frames to %s", done, path)
+        preview = {"filename": filename, "subfolder": subfolder, "type": "output"}
+        return {"ui": {"images": [preview], "animated": (True,)}, "result": (os.path.abspath(path),)}
