@@ -46,7 +46,7 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
         waveform = np.ascontiguousarray(data.T)
         logger.debug("read %s with soundfile", path)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as sf_exc:
+    except RuntimeError as sf_exc:  # soundfile.LibsndfileError and its relatives
         # libsndfile does not know the container (mp3 on old builds, m4a, video files): use FFmpeg.
         logger.debug("soundfile cannot read %s (%s); trying PyAV", path, sf_exc)
         waveform, rate = _load_with_pyav(path)

@@ -122,7 +122,8 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> Iterat
 
     The file is opened and checked immediately (so a bad path raises here, not at the first
     ``next``); decoding happens lazily. Rotation metadata (phone videos) is applied in multiples
-    of 90 degrees so frames come out upright. Decoding errors mid-file raise `InputError`.
+    of 90 degrees so frames come out upright (needs PyAV >= 14.2, which exposes it; older
+    versions yield frames as stored). Decoding errors mid-file raise `InputError`.
     """
     if max_frames is not None and max_frames < 0:
         raise InputError(f"max_frames cannot be negative, got {max_frames}")
