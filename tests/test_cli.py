@@ -87,3 +87,12 @@ def test_control_files(tmp_path):
         runner.load_controls(tmp_path / "pose.npy", 2, "gaze")
     with pytest.raises(InputError, match="not found"):
         runner.load_controls(tmp_path / "none.npy", 3, "pose")
+
+
+def test_convert_command(tmp_path, standin_dir, caplog):
+    out = tmp_path / "renderer.safetensors"
+    assert cli.main(["convert", str(standin_dir / "renderer.ckpt"), str(out), "--dtype", "bf16"]) == 0
+    from imtalker_core.checkpoints import read_file
+    entries = read_file(out)
+    assert len(entries) == 807 and {v.dtype for v in entries.values() if v.is_floating_point()} == {__import__("torch").bfloat16}
+    assert "807 tensors" in caplog.text

@@ -96,6 +96,7 @@ class AudioEncoder(nn.Module):
         x = self.normalize(waveform.float()).to(param)
         target = total * self.samples_per_frame
         if n < target:
+            log.debug("padding %d audio samples to %d (%d frames) by repeating the last sample", n, target, total)
             x = F.pad(x[:, None], (0, target - n), mode="replicate")[:, 0]
         cnn = self.wav2vec2.feature_extractor(x).transpose(1, 2)  # [B, L, 512] at ~50 Hz
         cnn = F.interpolate(cnn.transpose(1, 2), size=total, mode="linear", align_corners=True).transpose(1, 2)
