@@ -173,6 +173,11 @@ def test_crf_is_passed_to_the_encoder(tmp_path: Path) -> None:
     assert fine.stat().st_size > 2 * coarse.stat().st_size
     with pytest.raises(InputError, match="crf must be between 0.*got 60"):
         VideoWriter(tmp_path / "x.mp4", 25, crf=60)
+    with pytest.raises(InputError, match="preset must be one of ultrafast.*got 'quick'"):
+        VideoWriter(tmp_path / "x.mp4", 25, preset="quick")
+    with pytest.raises(InputError, match="fps must be positive, got 0"):
+        VideoWriter(tmp_path / "x.mp4", 0)
+    assert sorted(os.listdir(tmp_path)) == ["coarse.mp4", "fine.mp4"]  # refused before creating files
 
 
 @pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt])
@@ -299,3 +304,11 @@ def test_write_video_streams_its_input(tmp_path: Path, monkeypatch: pytest.Monke
     out = write_video(tmp_path / "stream.mp4", generate(), fps=25)
     assert events == ["produce", "write"] * 4
     assert len(_probe(out)["frames"]) == 12
+
+
+def test_writer_rejects_bad_audio(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"audio must be a waveform shaped \[C, S\] or \[S\], got shape \(16000, 2\)"):
+        VideoWriter(tmp_path / "x.mp4", 25, audio=(np.zeros((16000, 2), np.float32), 16000))
+    with pytest.raises(InputError, match="audio sample rate must be positive, got 0"):
+        VideoWriter(tmp_path / "x.mp4", 25, audio=(np.zeros(16000, np.float32), 0))
+    assert os.listdir(tmp_path) == []

@@ -26,6 +26,8 @@ from .images import to_uint8
 
 logger = logging.getLogger(__name__)
 
+#: libx264 speed presets, fastest first.
+PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 #: Sample rates the AAC encoder accepts; other rates are converted to 48 kHz by FFmpeg.
 _AAC_RATES = frozenset({8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000})
 
@@ -211,6 +213,8 @@ class VideoWriter:
             raise InputError(f"fps must be positive, got {fps}")
         if not 0 <= crf <= 51:
             raise InputError(f"crf must be between 0 (lossless) and 51 (worst), got {crf}")
+        if preset not in PRESETS:
+            raise InputError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
         self.rate = Fraction(fps).limit_denominator(1_000_000)
         self.crf = int(crf)
         self.preset = preset
