@@ -65,6 +65,13 @@ def test_box_geometry_matches_reference() -> None:
     assert box.x1 == box.x0 + box.size and box.y1 == box.y0 + box.size
 
 
+def test_crop_box_validates() -> None:
+    with pytest.raises(InputError, match="positive side.*size=0"):
+        CropBox(0, 0, 0, 10, 10)
+    with pytest.raises(InputError, match="image 10x0"):
+        CropBox(0, 0, 5, 0, 10)
+
+
 def test_crop_pads_with_black_outside_the_image() -> None:
     image = np.full((100, 80, 3), 0.75, dtype=np.float32)
     box = box_around((50, 0, 30, 30), image_h=100, image_w=80, scale=2.0)  # reaches past top and right
