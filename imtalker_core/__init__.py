@@ -21,7 +21,8 @@ from .checkpoints import convert_to_safetensors, load_generator, load_renderer
 from .config import GeneratorConfig, RendererConfig
 from .errors import CheckpointError, IMTalkerError, InputError
 from .generator import MotionGenerator
-from .generator.audio import AudioEncoder, frame_count
+from .generator.audio import AudioEncoder
+from .media.audio import frame_count
 from .pipeline import (Identity, encode_identity, encode_motion, generate_motion, render_batches,
                        render_frames)
 from .renderer import IMTRenderer

@@ -22,14 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..media.audio import frame_count
+
 log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("config.json", "preprocessor_config.json")
-
-
-def frame_count(num_samples: int, fps: int = 25, sample_rate: int = 16000) -> int:
-    """Video frames for `num_samples` audio samples: `ceil(num_samples · fps / sample_rate)`."""
-    return -(-num_samples * fps // sample_rate)
 
 
 class AudioEncoder(nn.Module):
