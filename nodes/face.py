@@ -17,21 +17,32 @@ CROP_SIZE = 512  # the renderer's input size
 VIDEO_SAMPLE_EVERY = 15
 
 
-def paste_into(frames: torch.Tensor, box: CropBox, originals: torch.Tensor, feather: float,
-               first_index: int = 0) -> torch.Tensor:
-    """Paste crops `[T, S, S, 3]` into originals: `[T, H, W, 3]` float32 CPU.
+def check_originals(originals: torch.Tensor, box: CropBox, frames: int) -> torch.Tensor:
+    """Validate the originals for pasting `frames` frames; returns them as CPU IMAGE `[N, H, W, 3]`.
 
-    `originals` is IMAGE `[1, H, W, 3]` (one photo for every frame) or `[N, H, W, 3]`, one
-    original per frame, where frame i of this batch uses original `first_index + i` (so a
-    streamed batch can be pasted into the right frames of a video).
+    N must be 1 (one photo for every frame) or `frames` (one original per frame), and their size
+    the one the crop was made for. Checked before rendering, so a mistake costs no render time.
     """
     originals = bridge.image_batch(originals, "original image").cpu()
+    if originals.shape[0] not in (1, frames):
+        raise InputError(f"{originals.shape[0]} original images for {frames} frames; give one original image, "
+                         "or exactly one per frame")
+    if tuple(originals.shape[1:3]) != (box.image_h, box.image_w):
+        raise InputError(f"the crop was made from a {box.image_w}x{box.image_h} image, but the original is "
+                         f"{originals.shape[2]}x{originals.shape[1]}; connect the image that went into Crop Face")
+    return originals
+
+
+def paste_into(frames: torch.Tensor, box: CropBox, originals: torch.Tensor, feather: float,
+               first_index: int = 0) -> torch.Tensor:
+    """Paste crops `[T, S, S, 3]` into originals (from `check_originals`): `[T, H, W, 3]` float32 CPU.
+
+    With one original per frame, frame i of this batch goes into original `first_index + i`, so a
+    streamed batch lands in the right frames of a video.
+    """
     frames = frames.cpu()
     if originals.shape[0] == 1:
         return paste_back(frames, box, originals[0], feather)
-    if first_index + frames.shape[0] > originals.shape[0]:
-        raise InputError(f"{originals.shape[0]} original images for {first_index + frames.shape[0]} frames; "
-                         "give one original image, or exactly one per frame")
     return torch.stack([paste_back(frame, box, originals[first_index + i], feather)
                         for i, frame in enumerate(frames)])
 
@@ -109,4 +120,5 @@ class IMTalkerPasteBack:
 
     def paste(self, frames: torch.Tensor, crop: CropBox, original: torch.Tensor, feather: float):
         frames = bridge.image_batch(frames, "frames")
-        return (paste_into(frames, crop, original, feather),)
+        originals = check_originals(original, crop, frames.shape[0])
+        return (paste_into(frames, crop, originals, feather),)

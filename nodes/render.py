@@ -11,13 +11,14 @@ from ..imtalker_core.media.face import CropBox
 from ..imtalker_core.media.video import VideoWriter
 from ..imtalker_core.pipeline import Identity, render_batches
 from . import bridge
-from .face import paste_into
+from .face import check_originals, paste_into
 from .types import CROP, IDENTITY, MOTION, RENDERER, ManagedModel, Motion
 
 log = logging.getLogger(__name__)
 
-# Rough activation memory of one 512² frame in the renderer (fp32), so ComfyUI frees room for a
-# batch besides the weights when it loads the model. An estimate, not a measurement.
+# Activation memory budget per 512² frame, so ComfyUI frees room for a batch besides the weights
+# when it loads the renderer. On the CPU in fp32, rendering a batch of 2 raised peak memory by about
+# 650 MiB over the loaded model (so ~325 MiB a frame); 512 MiB leaves headroom for allocator slack.
 BYTES_PER_FRAME = 512 * 1024 * 1024
 
 BATCH_SIZE_INPUT = ("INT", {
@@ -111,6 +112,8 @@ class IMTalkerRenderToVideo:
         if (crop is None) != (original is None):
             raise InputError("IMTalker Render To Video: connect both 'crop' and 'original' to paste the face "
                              "back, or neither")
+        if crop is not None:
+            original = check_originals(original, crop, motion.frames)
         module, progress = _render_setup(renderer, motion, batch_size)
         size = module.cfg.image_size
         width, height = (crop.image_w, crop.image_h) if crop is not None else (size, size)

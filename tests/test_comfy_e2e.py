@@ -87,10 +87,14 @@ def comfy(tmp_path_factory, standin_dir, media_dir):
         subprocess.run(["bash", str(HARNESS / "stop.sh"), "--unlink"], env=env, capture_output=True, timeout=60)
 
 
-def object_info(env) -> dict:
+def get_json(env, route: str):
     import urllib.request
-    with urllib.request.urlopen(env["COMFY_URL"] + "/object_info", timeout=60) as response:
+    with urllib.request.urlopen(env["COMFY_URL"] + route, timeout=60) as response:
         return json.load(response)
+
+
+def object_info(env) -> dict:
+    return get_json(env, "/object_info")
 
 
 def run_script(env, *args, timeout=900) -> subprocess.CompletedProcess:
@@ -126,6 +130,12 @@ def test_pack_registers_all_nodes_and_core_table_matches_comfyui(comfy):
                 live_kind = live["input"][section][input_name][0]
                 assert (isinstance(live_kind, list) and isinstance(spec[0], list)) or live_kind == spec[0], \
                     f"{name}.{input_name}"
+
+
+def test_workflows_are_offered_as_templates(comfy):
+    env, _ = comfy
+    templates = get_json(env, "/api/workflow_templates")
+    assert sorted(templates["ComfyUI-IMTalker"]) == [p.stem for p in WORKFLOWS]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

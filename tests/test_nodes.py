@@ -361,6 +361,12 @@ def test_paste_back(pack, sub, cropped, photo):
         run(pack, "IMTalkerPasteBack", frames=torch.rand(3, 512, 512, 3), crop=box, original=per_frame, feather=0.1)
 
 
+def test_paste_back_checks_the_original_matches_the_crop(pack, sub, cropped):
+    with pytest.raises(sub("imtalker_core.errors").InputError, match="crop was made from a 512x512"):
+        run(pack, "IMTalkerPasteBack", frames=torch.rand(1, 512, 512, 3), crop=cropped[1],
+            original=torch.rand(1, 100, 120, 3), feather=0.1)
+
+
 # ------------------------------------------------------------------------------------------------
 # Encoding, generation, rendering on stand-in weights
 # ------------------------------------------------------------------------------------------------
@@ -444,3 +450,12 @@ def test_render_to_video_needs_crop_and_original_together(pack, sub, renderer, i
     with pytest.raises(sub("imtalker_core.errors").InputError, match="both 'crop' and 'original'"):
         node(pack, "IMTalkerRenderToVideo").render(renderer=renderer, identity=identity, motion=audio_motion[0],
                                                    filename_prefix="x", batch_size=1, crop=cropped[1])
+
+
+def test_render_to_video_checks_originals_before_rendering(pack, sub, renderer, identity, audio_motion, cropped,
+                                                           photo):
+    # 2 originals for 3 frames: refused at once, before any frame is rendered or file written.
+    with pytest.raises(sub("imtalker_core.errors").InputError, match="exactly one per frame"):
+        node(pack, "IMTalkerRenderToVideo").render(renderer=renderer, identity=identity, motion=audio_motion[0],
+                                                   filename_prefix="x", batch_size=1, crop=cropped[1],
+                                                   original=photo.repeat(2, 1, 1, 1))
