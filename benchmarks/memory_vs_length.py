@@ -3,7 +3,7 @@
 Each length runs in a fresh process: speech is looped to the length, encoded by wav2vec2 (a small
 random 768-wide stand-in: the real weights are not available offline), turned into motion by the
 full-size generator (stand-in weights), rendered by a *tiny* renderer configuration (the full one costs
-4–6 s per frame on a 2-core CPU) and streamed into an H.264 MP4 with the audio muxed in. Peak RSS
+4–6 s per frame on a 2-core CPU; `--no-render` stops before rendering) and streamed into an H.264 MP4 with the audio muxed in. Peak RSS
 (VmHWM) is reported per stage.
 
     python benchmarks/memory_vs_length.py --seconds 10 60 600 [--models DIR]
@@ -27,7 +27,7 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def child(seconds: float, models: Path, out_dir: Path) -> dict:
+def child(seconds: float, models: Path, out_dir: Path, render: bool) -> dict:
     import numpy as np
     import soundfile
     import torch
@@ -71,6 +71,10 @@ def child(seconds: float, models: Path, out_dir: Path) -> dict:
     stats["after_generate_mb"] = peak_rss_mb()
     del features
 
+    if not render:
+        stats["render_write_s"] = float("nan")
+        stats["peak_mb"] = peak_rss_mb()
+        return stats
     t0 = time.perf_counter()
     with VideoWriter(out_dir / f"out_{int(seconds)}s.mp4", 25, audio=(wave, rate)) as writer:
         for frames in imt.render_batches(renderer, identity, motion, batch_size=16):
@@ -84,11 +88,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, nargs="+", default=[10, 60, 600])
     ap.add_argument("--models", type=Path, default=None, help="stand-in models folder (built if absent)")
+    ap.add_argument("--no-render", action="store_true",
+                    help="stop after audio encoding and motion generation (the length-dependent stages)")
     ap.add_argument("--child", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child, args.models, args.out)))  # noqa: T201 - read by the parent
+        print(json.dumps(child(args.child, args.models, args.out, not args.no_render)))  # noqa: T201 - read by the parent
         return 0
     from _standin import build_models_dir
 
@@ -96,8 +102,9 @@ def main() -> int:
         models = build_models_dir(args.models or Path(tmp) / "models")
         rows = []
         for seconds in args.seconds:
-            out = subprocess.run([sys.executable, __file__, "--child", str(seconds), "--models", str(models),
-                                  "--out", tmp], check=True, capture_output=True, text=True)
+            cmd = [sys.executable, __file__, "--child", str(seconds), "--models", str(models), "--out", tmp]
+            out = subprocess.run(cmd + (["--no-render"] if args.no_render else []), check=True,
+                                 capture_output=True, text=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"{r['seconds']:>6.0f} s  {r['frames']:>6d} frames  peak RSS {r['peak_mb']:7.0f} MB "  # noqa: T201

@@ -6,10 +6,14 @@ run through the convolutional feature encoder, and the CNN features are linearly
 (align_corners=True) to T frames *before* the feature projection and the transformer. The output
 is the transformer's last hidden state `[B, T, hidden]` (768 for wav2vec2-base-960h).
 
-Long clips: the transformer's attention is quadratic in T, so above `window_frames` the
-projected features are encoded in overlapping windows and the centre of each window is kept.
-The CNN part and the interpolation always see the whole clip, so short clips (≤ window) are
-exactly the reference and long ones differ only through the transformer's limited context.
+Long clips, with memory bounded for any length:
+- The convolutional encoder runs in chunks of `cnn_chunk_frames` output frames. Its convolutions
+  are local, and the first layer's GroupNorm (one statistic per channel over the whole clip) gets
+  its statistics from a first pass over all chunks, so chunking changes nothing but the order of
+  floating-point sums.
+- The transformer's attention is quadratic in T, so above `window_frames` the projected features
+  are encoded in overlapping windows and the centre of each window is kept. This is the only
+  approximation; clips up to `window_frames` (60 s) are exactly the reference.
 """
 from __future__ import annotations
 
@@ -95,12 +99,64 @@ class AudioEncoder(nn.Module):
         if n < target:
             log.debug("padding %d audio samples to %d (%d frames) by repeating the last sample", n, target, total)
             x = F.pad(x[:, None], (0, target - n), mode="replicate")[:, 0]
-        cnn = self.wav2vec2.feature_extractor(x).transpose(1, 2)  # [B, L, 512] at ~50 Hz
+        cnn = self._cnn_features(x).transpose(1, 2)  # [B, L, 512] at ~50 Hz
         cnn = F.interpolate(cnn.transpose(1, 2), size=total, mode="linear", align_corners=True).transpose(1, 2)
         hidden, _ = self.wav2vec2.feature_projection(cnn)
         if window_frames is None or total <= window_frames:
             return self._transformer(hidden)
         return self._windowed(hidden, window_frames, overlap_frames, callback)
+
+    def _cnn_features(self, x: torch.Tensor, chunk_frames: int = 1500) -> torch.Tensor:
+        """The convolutional feature encoder on `[B, S]` audio → `[B, C, L]`, in bounded memory."""
+        encoder = self.wav2vec2.feature_extractor
+        layers = list(encoder.conv_layers)
+        convs = [layer.conv for layer in layers]
+        hop, field, length = 1, 0, x.shape[-1]
+        for conv in convs:
+            k, s = conv.kernel_size[0], conv.stride[0]
+            field += (k - 1) * hop
+            hop *= s
+            length = (length - k) // s + 1
+        field += 1
+        if length <= chunk_frames:
+            return encoder(x)
+        first = layers[0]
+        norm = getattr(first, "layer_norm", None)
+        global_norm = isinstance(norm, nn.GroupNorm)
+        if global_norm:
+            assert norm.num_groups == norm.num_channels, "wav2vec2 normalises each channel on its own"
+            mean, inv_std = self._first_layer_stats(x, convs[0], norm.eps, chunk_frames * hop // convs[0].stride[0])
+        out = []
+        for a in range(0, length, chunk_frames):
+            b = min(a + chunk_frames, length)
+            h = x[:, None, hop * a: hop * (b - 1) + field]
+            if global_norm:
+                h = (convs[0](h) - mean) * inv_std
+                h = first.activation(h * norm.weight[:, None] + norm.bias[:, None])
+                rest = layers[1:]
+            else:
+                rest = layers
+            for layer in rest:
+                h = layer(h)
+            assert h.shape[-1] == b - a, (h.shape, a, b)
+            out.append(h)
+        return torch.cat(out, dim=-1)
+
+    @staticmethod
+    def _first_layer_stats(x: torch.Tensor, conv: nn.Conv1d, eps: float, chunk: int):
+        """Per-sample, per-channel mean and 1/std of the first conv's output over the whole clip."""
+        k, s = conv.kernel_size[0], conv.stride[0]
+        n = (x.shape[-1] - k) // s + 1
+        total = torch.zeros(x.shape[0], conv.out_channels, dtype=torch.float64, device=x.device)
+        total_sq = torch.zeros_like(total)
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            h = conv(x[:, None, s * a: s * (b - 1) + k]).double()
+            total += h.sum(dim=-1)
+            total_sq += h.pow(2).sum(dim=-1)
+        mean = total / n
+        var = (total_sq / n - mean.pow(2)).clamp_min(0)
+        return mean[..., None].to(x.dtype), torch.rsqrt(var + eps)[..., None].to(x.dtype)
 
     def _transformer(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.wav2vec2.encoder(hidden).last_hidden_state
