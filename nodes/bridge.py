@@ -106,7 +106,8 @@ def model_folders() -> list[str]:
     """The folders searched for IMTalker models, in priority order."""
     folder_paths = _comfy("folder_paths")
     if folder_paths is not None:
-        register_model_folder()
+        if MODEL_FOLDER_KEY not in folder_paths.folder_names_and_paths:
+            register_model_folder()  # the pack's import normally did this already
         return folder_paths.get_folder_paths(MODEL_FOLDER_KEY)
     return [p for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
 
