@@ -107,10 +107,6 @@ def _prepare_source(image_path, crop: CropSettings, size: int) -> tuple[torch.Te
     return to_model_input(face, size), image, box
 
 
-def _to_hwc(frames: torch.Tensor) -> torch.Tensor:
-    return frames.permute(0, 2, 3, 1)
-
-
 def audio_to_video(models: Models, image_path: str | os.PathLike, audio_path: str | os.PathLike,
                    output_path: str | os.PathLike, crop: CropSettings = CropSettings(), seed: int = 42,
                    steps: int = 10, cfg_scale: float = 3.0, pose: torch.Tensor | None = None,
@@ -138,12 +134,7 @@ def audio_to_video(models: Models, image_path: str | os.PathLike, audio_path: st
                                  cfg_scale=cfg_scale, steps=steps, seed=seed, noise_device=noise_device,
                                  callback=_stage(progress, "motion"))
         log.info("%s: %d samples at 16 kHz → %d frames", Path(audio_path).name, len(wave16), motion.shape[0])
-        for frames in render_batches(models.renderer, identity, motion, batch_size,
-                                     callback=_stage(progress, "render")):
-            frames = _to_hwc(frames)
-            if crop.paste_back and box is not None:
-                frames = paste_back(frames, box, original, crop.feather)
-            writer.write(frames)
+        _render_into(writer, models.renderer, identity, motion, batch_size, crop, box, original, progress)
     return Path(output_path)
 
 
@@ -190,13 +181,18 @@ def video_to_video(models: Models, image_path: str | os.PathLike, video_path: st
     motion = torch.cat(motion_parts)
     identity = encode_identity(models.renderer, source)
     with VideoWriter(output_path, info.fps, audio=audio) as writer:
-        for frames in render_batches(models.renderer, identity, motion, batch_size,
-                                     callback=_stage(progress, "render")):
-            frames = _to_hwc(frames)
-            if crop.paste_back and box is not None:
-                frames = paste_back(frames, box, original, crop.feather)
-            writer.write(frames)
+        _render_into(writer, models.renderer, identity, motion, batch_size, crop, box, original, progress)
     return Path(output_path)
+
+
+def _render_into(writer: VideoWriter, renderer: IMTRenderer, identity, motion: torch.Tensor, batch_size: int,
+                 crop: CropSettings, box: CropBox | None, original: np.ndarray, progress: Progress | None) -> None:
+    """Render batch by batch into `writer`, pasting each batch back into the original if asked."""
+    for frames in render_batches(renderer, identity, motion, batch_size, callback=_stage(progress, "render")):
+        frames = frames.permute(0, 2, 3, 1)
+        if crop.paste_back and box is not None:
+            frames = paste_back(frames, box, original, crop.feather)
+        writer.write(frames)
 
 
 def _stage(progress: Progress | None, stage: str):
