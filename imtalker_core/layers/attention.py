@@ -47,11 +47,14 @@ class FullAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v)
             return self.proj(_merge_heads(out))
         outs, argmaxes = [], []
+        # The map is reduced to an argmax that picks whole feature blocks, so it is computed in float32
+        # even for half-precision models: fp16 logits could overflow and near-ties would flip often.
+        kt, vf = k.float().transpose(-2, -1), v.float()
         for start in range(0, q.shape[2], ARGMAX_QUERY_CHUNK):
-            qc = q[:, :, start:start + ARGMAX_QUERY_CHUNK]
+            qc = q[:, :, start:start + ARGMAX_QUERY_CHUNK].float()
             # parity: the reference scales the logits after the product, not the queries.
-            attn = ((qc @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-            outs.append(attn @ v)
+            attn = ((qc @ kt) * self.scale).softmax(dim=-1)
+            outs.append((attn @ vf).to(v.dtype))
             argmaxes.append(attn.mean(dim=1).argmax(dim=-1))
         out = self.proj(_merge_heads(torch.cat(outs, dim=2)))
         return out, torch.cat(argmaxes, dim=1)
