@@ -70,32 +70,49 @@ def placement_help(models_dir: Path, missing: list[str]) -> str:
 def ensure_models(models_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
     """Return a models folder holding the official files, downloading missing ones when allowed.
 
-    Downloads use `huggingface_hub` (it respects `HF_ENDPOINT`, `HF_HOME` and `HF_HUB_OFFLINE`).
     Offline, or with `download=False`, a missing file raises `InputError` naming the exact files
     and the folder to put them in.
     """
     root = Path(models_dir).expanduser() if models_dir else default_models_dir()
     missing = missing_files(root)
-    if not missing:
-        return root
-    if not download or _offline():
-        raise InputError(placement_help(root, missing))
+    if missing:
+        if not download:
+            raise InputError(placement_help(root, missing))
+        fetch(root, missing)
+    return root
+
+
+def fetch(root: str | os.PathLike, names: list[str] | tuple[str, ...]) -> None:
+    """Download official files (`OFFICIAL_FILES` names) from the authors' repository into `root`.
+
+    Uses `huggingface_hub`, so `HF_ENDPOINT`, `HF_HOME` and `HF_HUB_OFFLINE` are respected. A
+    wav2vec2 file brings the optional `feature_extractor_config.json` along. Offline or on failure,
+    `InputError` names the files and the folder to place them in by hand.
+    """
+    root = Path(root)
+    unknown = [n for n in names if n not in OFFICIAL_FILES]
+    if unknown:
+        raise InputError(f"{', '.join(unknown)} is not an official IMTalker file ({', '.join(OFFICIAL_FILES)})")
+    if _offline():
+        raise InputError(placement_help(root, list(names)) + " (downloads are off: HF_HUB_OFFLINE is set)")
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as err:
-        raise InputError(placement_help(root, missing) + " (huggingface_hub is not installed)") from err
+        raise InputError(placement_help(root, list(names)) + " (huggingface_hub is not installed)") from err
     root.mkdir(parents=True, exist_ok=True)
-    wanted = [*missing, f"{WAV2VEC2_DIR}/feature_extractor_config.json"]
+    optional = f"{WAV2VEC2_DIR}/feature_extractor_config.json"
+    wanted = list(names) + ([optional] if any(n.startswith(WAV2VEC2_DIR) for n in names) and optional not in names
+                            else [])
     for name in wanted:
         log.info("downloading %s from %s into %s", name, HF_REPO, root)
         try:
             hf_hub_download(repo_id=HF_REPO, filename=name, local_dir=root)
         except Exception as err:  # noqa: BLE001 - network errors come in many types; re-raised with context
-            if name in missing:
-                raise InputError(f"could not download {name} from {HF_URL} ({err}). "
-                                 + placement_help(root, missing_files(root))) from err
-            log.info("optional file %s not downloaded: %s", name, err)
-    return root
+            if name == optional:
+                log.info("optional file %s not downloaded: %s", name, err)
+                continue
+            raise InputError(f"could not download {name} from {HF_URL} ({err}). "
+                             + placement_help(root, [n for n in names if not (root / n).is_file()])) from err
 
 
 def model_path(models_dir: Path, name: str) -> Path:

@@ -96,3 +96,39 @@ def test_convert_command(tmp_path, standin_dir, caplog):
     entries = read_file(out)
     assert len(entries) == 807 and {v.dtype for v in entries.values() if v.is_floating_point()} == {__import__("torch").bfloat16}
     assert "807 tensors" in caplog.text
+
+
+def test_models_are_downloaded_once_when_missing(tmp_path, monkeypatch):
+    """The download path, with the hub replaced by a fake that writes placeholder files (no network)."""
+    import huggingface_hub
+
+    from imtalker_core import model_files
+
+    calls = []
+
+    def fake_download(repo_id, filename, local_dir):
+        calls.append((repo_id, filename))
+        target = tmp_path / "models" / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"placeholder")
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    root = model_files.ensure_models(tmp_path / "models", download=True)
+    assert model_files.missing_files(root) == []
+    assert {f for _, f in calls} == set(model_files.OFFICIAL_FILES)
+    assert all(repo == "cbsjtu01/IMTalker" for repo, _ in calls)
+    calls.clear()
+    model_files.ensure_models(root, download=True)
+    assert calls == []
+
+
+def test_offline_download_names_the_files(tmp_path, monkeypatch):
+    from imtalker_core import model_files
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match=r"generator\.ckpt.*HF_HUB_OFFLINE"):
+        model_files.fetch(tmp_path, ["generator.ckpt"])
+    with pytest.raises(InputError, match="not an official IMTalker file"):
+        model_files.fetch(tmp_path, ["weights.bin"])
