@@ -112,6 +112,14 @@ def model_folders() -> list[str]:
     return [p for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
 
 
+def download_folder() -> str:
+    """Where first-use downloads go: the first IMTalker model folder (ComfyUI's models/imtalker)."""
+    folders = model_folders()
+    if not folders:
+        raise FileNotFoundError(f"no IMTalker model folder to download into; set ${MODELS_ENV} outside ComfyUI")
+    return folders[0]
+
+
 def _wav2vec2_dirs(root: str) -> list[str]:
     """Sub-folders of `root` (relative, '/'-separated, up to two levels) holding a config.json."""
     found = []

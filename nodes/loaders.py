@@ -8,8 +8,10 @@ memory is short.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from ..imtalker_core import load_audio_encoder, load_generator, load_renderer
+from ..imtalker_core import model_files
 from . import bridge
 from .types import GENERATOR, RENDERER, GeneratorModels
 
@@ -19,18 +21,42 @@ PRECISION_TOOLTIP = ("Weight precision. auto: ComfyUI's choice for the device (f
                      "fp32 on the CPU). fp32 is the reference precision; fp16/bf16 halve the memory.")
 
 
-def _preferred_first(names: list[str], hint: str) -> list[str]:
-    """`names` with those containing `hint` first, so the dropdown's default is the likely file."""
-    return sorted(names, key=lambda n: (hint not in n.lower(), n))
+DOWNLOAD_INPUT = ("BOOLEAN", {
+    "default": True,
+    "tooltip": "If the official file is not in models/imtalker yet, download it once from the authors' "
+               "Hugging Face repository (cbsjtu01/IMTalker) before loading. Off: only local files are used."})
 
 
-def _checkpoint_problem(name: str) -> bool | str:
-    """True if checkpoint `name` exists, else the message ComfyUI shows before running."""
+def _preferred_first(names: list[str], official: str) -> list[str]:
+    """`names` with the official file offered (first) even before it is downloaded, so a shared
+    workflow finds its default and the loader can fetch it."""
+    names = sorted(set(names) | {official})
+    return sorted(names, key=lambda n: (official.split(".")[0] not in n.lower(), n))
+
+
+def _checkpoint_problem(name: str, download: bool) -> bool | str:
+    """True if checkpoint `name` exists or will be downloaded, else the message ComfyUI shows."""
+    if download and name in model_files.OFFICIAL_FILES:
+        return True
     try:
         bridge.find_checkpoint(name)
     except FileNotFoundError as err:
         return str(err)
     return True
+
+
+def _has_wav2vec2_weights() -> bool:
+    return any((Path(root) / model_files.WAV2VEC2_DIR / f).is_file()
+               for root in bridge.model_folders() for f in ("pytorch_model.bin", "model.safetensors"))
+
+
+def _fetch_if_missing(names: list[str], download: bool) -> None:
+    """Download those official `names` that no model folder holds yet (no-op when all exist)."""
+    missing = [n for n in names if not any((Path(root) / n).is_file() for root in bridge.model_folders())]
+    if download and missing:
+        target = bridge.download_folder()
+        log.info("IMTalker: downloading %s into %s (first use)", ", ".join(missing), target)
+        model_files.fetch(target, missing)
 
 
 class IMTalkerLoadRenderer:
@@ -40,11 +66,12 @@ class IMTalkerLoadRenderer:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "renderer_name": (_preferred_first(bridge.list_checkpoints(), "renderer"), {
+                "renderer_name": (_preferred_first(bridge.list_checkpoints(), model_files.RENDERER_FILE), {
                     "tooltip": "Renderer checkpoint in models/imtalker (official: renderer.ckpt, or a "
                                ".safetensors converted from it)."}),
                 "precision": (list(bridge.PRECISIONS), {"default": "auto", "tooltip": PRECISION_TOOLTIP}),
-            }
+            },
+            "optional": {"download_if_missing": DOWNLOAD_INPUT},
         }
 
     RETURN_TYPES = (RENDERER,)
@@ -56,10 +83,11 @@ class IMTalkerLoadRenderer:
                    "and draws the talking-face frames. " + bridge.OFFICIAL_FILES_HELP)
 
     @classmethod
-    def VALIDATE_INPUTS(cls, renderer_name):
-        return _checkpoint_problem(renderer_name)
+    def VALIDATE_INPUTS(cls, renderer_name, download_if_missing=True):
+        return _checkpoint_problem(renderer_name, download_if_missing)
 
-    def load(self, renderer_name: str, precision: str):
+    def load(self, renderer_name: str, precision: str, download_if_missing: bool = True):
+        _fetch_if_missing([renderer_name] if renderer_name == model_files.RENDERER_FILE else [], download_if_missing)
         path = bridge.find_checkpoint(renderer_name)
         dtype = bridge.choose_dtype(precision, bridge.compute_device())
         log.info("loading IMTalker renderer %s as %s", path, dtype)
@@ -74,9 +102,9 @@ class IMTalkerLoadGenerator:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "generator_name": (_preferred_first(bridge.list_checkpoints(), "generator"), {
+                "generator_name": (_preferred_first(bridge.list_checkpoints(), model_files.GENERATOR_FILE), {
                     "tooltip": "Motion generator checkpoint in models/imtalker (official: generator.ckpt)."}),
-                "wav2vec2_folder": (bridge.list_wav2vec2_folders(), {
+                "wav2vec2_folder": (sorted(set(bridge.list_wav2vec2_folders()) | {model_files.WAV2VEC2_DIR}), {
                     "tooltip": "Folder in models/imtalker holding wav2vec2-base-960h (config.json, "
                                "preprocessor_config.json, pytorch_model.bin)."}),
                 "precision": (list(bridge.PRECISIONS), {"default": "auto", "tooltip": PRECISION_TOOLTIP}),
@@ -84,7 +112,8 @@ class IMTalkerLoadGenerator:
                     "default": False,
                     "tooltip": "Use the checkpoint's EMA (averaged) generator weights instead of the trained ones. "
                                "The reference uses the trained weights (off)."}),
-            }
+            },
+            "optional": {"download_if_missing": DOWNLOAD_INPUT},
         }
 
     RETURN_TYPES = (GENERATOR,)
@@ -96,17 +125,26 @@ class IMTalkerLoadGenerator:
                    "encoder from models/imtalker. " + bridge.OFFICIAL_FILES_HELP)
 
     @classmethod
-    def VALIDATE_INPUTS(cls, generator_name, wav2vec2_folder):
-        problem = _checkpoint_problem(generator_name)
+    def VALIDATE_INPUTS(cls, generator_name, wav2vec2_folder, download_if_missing=True):
+        problem = _checkpoint_problem(generator_name, download_if_missing)
         if problem is not True:
             return problem
+        if download_if_missing and wav2vec2_folder == model_files.WAV2VEC2_DIR:
+            return True
         try:
             bridge.find_wav2vec2_folder(wav2vec2_folder)
         except FileNotFoundError as err:
             return str(err)
         return True
 
-    def load(self, generator_name: str, wav2vec2_folder: str, precision: str, use_ema: bool):
+    def load(self, generator_name: str, wav2vec2_folder: str, precision: str, use_ema: bool,
+             download_if_missing: bool = True):
+        official = [generator_name] if generator_name == model_files.GENERATOR_FILE else []
+        if wav2vec2_folder == model_files.WAV2VEC2_DIR:
+            official += [f"{model_files.WAV2VEC2_DIR}/{f}" for f in ("config.json", "preprocessor_config.json")]
+            if not _has_wav2vec2_weights():
+                official.append(f"{model_files.WAV2VEC2_DIR}/pytorch_model.bin")
+        _fetch_if_missing(official, download_if_missing)
         path = bridge.find_checkpoint(generator_name)
         folder = bridge.find_wav2vec2_folder(wav2vec2_folder)
         dtype = bridge.choose_dtype(precision, bridge.compute_device())

@@ -311,6 +311,44 @@ def test_loaders_list_and_validate_model_files(pack, env_dirs):
     assert "missing.ckpt" in message and "renderer.ckpt, generator.ckpt" in message
 
 
+def test_loaders_download_official_files_on_first_use(pack, sub, standin_dir, tmp_path, monkeypatch):
+    """An empty models folder: the official names are offered, validated, and fetched on load."""
+    import shutil
+
+    monkeypatch.setenv("IMTALKER_MODELS_DIR", str(tmp_path))
+    model_files = sub("imtalker_core.model_files")
+    fetched = []
+
+    def fake_fetch(root, names):  # stands for the hub: copies the stand-in files
+        fetched.extend(names)
+        for name in names:
+            source = standin_dir / name
+            if name.endswith("pytorch_model.bin"):
+                source = standin_dir / "wav2vec2-base-960h" / "model.safetensors"
+                name = "wav2vec2-base-960h/model.safetensors"
+            (Path(root) / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, Path(root) / name)
+
+    monkeypatch.setattr(model_files, "fetch", fake_fetch)
+    renderer_cls = pack.NODE_CLASS_MAPPINGS["IMTalkerLoadRenderer"]
+    assert renderer_cls.INPUT_TYPES()["required"]["renderer_name"][0] == ["renderer.ckpt"]
+    assert renderer_cls.VALIDATE_INPUTS("renderer.ckpt", True) is True
+    assert "renderer.ckpt" in renderer_cls.VALIDATE_INPUTS("renderer.ckpt", False)
+    (model,) = run(pack, "IMTalkerLoadRenderer", renderer_name="renderer.ckpt", precision="fp32",
+                   download_if_missing=True)
+    assert fetched == ["renderer.ckpt"] and model.module.cfg.image_size == 512
+    generator_cls = pack.NODE_CLASS_MAPPINGS["IMTalkerLoadGenerator"]
+    assert generator_cls.VALIDATE_INPUTS("generator.ckpt", "wav2vec2-base-960h", True) is True
+    fetched.clear()
+    run(pack, "IMTalkerLoadGenerator", generator_name="generator.ckpt", wav2vec2_folder="wav2vec2-base-960h",
+        precision="fp32", use_ema=False, download_if_missing=True)
+    assert set(fetched) == {"generator.ckpt", "wav2vec2-base-960h/config.json",
+                            "wav2vec2-base-960h/preprocessor_config.json", "wav2vec2-base-960h/pytorch_model.bin"}
+    fetched.clear()
+    run(pack, "IMTalkerLoadRenderer", renderer_name="renderer.ckpt", precision="fp32")
+    assert fetched == []  # downloaded once
+
+
 def test_loaders_build_managed_models(renderer, generator):
     assert renderer.patcher is None and renderer.dtype == torch.float32
     assert renderer.module.cfg.image_size == 512 and not renderer.module.training
