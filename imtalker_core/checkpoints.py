@@ -99,6 +99,14 @@ def _tensors(d: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
+def _trained_tensors(raw: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a file's trained weights: its `state_dict` (Lightning), its `model` entry, or itself."""
+    for key in ("state_dict", "model"):
+        if isinstance(raw.get(key), Mapping) and _tensors(raw[key]):
+            return _tensors(raw[key])
+    return _tensors(raw)
+
+
 def model_entries(raw: Mapping[str, Any], kind: str, use_ema: bool = False, source: str = "<dict>"
                   ) -> dict[str, torch.Tensor]:
     """The unprefixed state dict of `kind` ('renderer' or 'generator') inside a loaded file.
@@ -116,9 +124,7 @@ def model_entries(raw: Mapping[str, Any], kind: str, use_ema: bool = False, sour
             raise CheckpointError(f"{source} has no 'ema_state_dict'; load it without the EMA option")
         entries = _tensors(ema)
     else:
-        entries = _tensors(raw.get("state_dict", raw) if isinstance(raw.get("state_dict"), Mapping) else raw)
-        if not entries and isinstance(raw.get("model"), Mapping):
-            entries = _tensors(raw["model"])
+        entries = _trained_tensors(raw)
     prefix = PREFIXES[kind]
     if any(k.startswith(prefix) for k in entries):
         dropped = [k for k in entries if not k.startswith(prefix)]
@@ -194,8 +200,7 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, kind:
 
     src, dst = os.fspath(src), os.fspath(dst)
     raw = read_file(src)
-    kind = kind or guess_kind(_tensors(raw.get("state_dict", raw) if isinstance(raw.get("state_dict"), Mapping)
-                                       else raw))
+    kind = kind or guess_kind(_trained_tensors(raw))
     if kind is None:
         raise CheckpointError(f"{src} is neither an IMTalker renderer nor a generator checkpoint")
     entries = model_entries(raw, kind, use_ema=use_ema, source=src)
