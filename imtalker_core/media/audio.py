@@ -21,6 +21,7 @@ import soxr
 import torch
 
 from ..errors import InputError
+from .files import existing_file
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,7 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     soundfile nor FFmpeg can decode, a file without an audio stream, zero-length audio, or
     NaN/Inf samples.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"Audio file not found: '{path}'. Check the path and file name.")
-    if not path.is_file():
-        raise InputError(f"'{path}' is not a file (it is a folder or a device); give the path of an audio file.")
+    path = existing_file(path, "audio")
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
         waveform = np.ascontiguousarray(data.T)

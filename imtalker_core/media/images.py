@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
+from .files import existing_file
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +54,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     `MIN_SIDE` pixels, or a side longer than `MAX_SIDE` pixels (or trips Pillow's
     decompression-bomb guard).
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"Image file not found: '{path}'. Check the path and file name.")
-    if not path.is_file():
-        raise InputError(f"'{path}' is not a file (it is a folder or a device); give the path of an image file.")
+    path = existing_file(path, "image")
     suffix = path.suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
         raise InputError(

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import IMTalkerError, InputError
+from .files import existing_file
 from .images import to_uint8
 
 logger = logging.getLogger(__name__)
@@ -68,11 +69,7 @@ class VideoInfo:
 
 def _open_input(path: str | os.PathLike) -> tuple[av.container.InputContainer, Path]:
     """Open a media file for reading and check it has a video stream; `InputError` if not."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"Video file not found: '{path}'. Check the path and file name.")
-    if not path.is_file():
-        raise InputError(f"'{path}' is not a file (it is a folder or a device); give the path of a video file.")
+    path = existing_file(path, "video")
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError) as exc:
