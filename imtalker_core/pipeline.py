@@ -17,6 +17,7 @@ import torch
 from .errors import InputError
 from .generator import MotionGenerator
 from .renderer import IMTRenderer
+from .sampling import NOISE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +112,15 @@ def _check_control(seq: torch.Tensor | None, width: int, name: str) -> torch.Ten
 def generate_motion(generator: MotionGenerator, audio_features: torch.Tensor, reference_motion: torch.Tensor,
                     pose: torch.Tensor | None = None, cam: torch.Tensor | None = None,
                     gaze: torch.Tensor | None = None, cfg_scale: float = 3.0, steps: int = 10, seed: int = 42,
-                    noise_device: torch.device | str = "cpu", callback: Progress | None = None,
+                    noise: str = "reference", noise_device: torch.device | str = "cpu", callback: Progress | None = None,
                     check_interrupt: Interrupt | None = None) -> torch.Tensor:
     """Motion latents `[T, 32]` (float32) from wav2vec2 features `[T, 768]` or `[1, T, 768]`.
 
     reference_motion: the source's motion latent `[1, 32]` (`Identity.motion`). pose `[T', 3]`,
     cam `[T', 3]` and gaze `[T', 2]` are optional per-frame controls (cropped or zero-padded to T).
+    noise: "reference" (seed once, fresh noise for every 50-frame window: the reference's default)
+    or "fixed_per_window" (every window starts from the same noise: its `--fix_noise_seed`); see
+    `imtalker_core.sampling`. Noise is drawn on `noise_device` (CPU: the same motion on every device).
     """
     cfg = generator.cfg
     if audio_features.dim() == 2:
@@ -127,6 +131,8 @@ def generate_motion(generator: MotionGenerator, audio_features: torch.Tensor, re
         raise InputError("audio features contain NaN or infinite values; check the audio clip")
     if steps < 2:
         raise InputError(f"steps={steps}: use at least 2 (the time grid includes both ends)")
+    if noise not in NOISE_MODES:
+        raise InputError(f"noise={noise!r}: use one of {', '.join(NOISE_MODES)}")
     reference_motion = torch.as_tensor(reference_motion).reshape(1, -1)
     if reference_motion.shape[1] != cfg.motion_dim:
         raise InputError(f"reference motion must have {cfg.motion_dim} values, got {reference_motion.shape[1]}")
@@ -134,7 +140,7 @@ def generate_motion(generator: MotionGenerator, audio_features: torch.Tensor, re
         audio_features, reference_motion,
         pose=_check_control(pose, cfg.pose_dim, "pose"), cam=_check_control(cam, cfg.cam_dim, "cam"),
         gaze=_check_control(gaze, cfg.gaze_dim, "gaze"), cfg_scale=float(cfg_scale), steps=int(steps),
-        seed=int(seed), noise_device=noise_device, callback=callback, check_interrupt=check_interrupt)
+        seed=int(seed), noise=noise, noise_device=noise_device, callback=callback, check_interrupt=check_interrupt)
     return sample[0].float()
 
 

@@ -1,8 +1,16 @@
-"""Flow-matching sampling: the time grid, Euler integration and classifier-free guidance.
+"""Flow-matching sampling: the time grid, initial noise, Euler integration and classifier-free guidance.
 
 Time grid: `steps` points evenly spaced from t=0 (noise) to t=1 (data), both ends included, so
 there are `steps - 1` Euler updates and `steps - 1` velocity evaluations (the official default
 steps=10 gives 9 updates). The update is `x ← x + (t[i+1] - t[i]) · v(t[i], x)`.
+
+Initial noise, for a clip sampled in successive windows (`NOISE_MODES`):
+- "reference": one generator seeded once with `seed`; every window draws fresh noise from it, in
+  order. This is what the reference runs by default (`torch.manual_seed(seed)`, then `randn` per
+  window), so a 10 s clip starts each of its five windows from different noise.
+- "fixed_per_window": the generator is re-seeded for every window, so all windows start from the
+  same noise (the reference's opt-in `--fix_noise_seed`).
+Noise is drawn on the CPU by default, which makes a seed give the same motion on every device.
 """
 from __future__ import annotations
 
@@ -11,6 +19,23 @@ from typing import Callable
 import torch
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseSource = Callable[[tuple[int, ...]], torch.Tensor]
+NOISE_MODES = ("reference", "fixed_per_window")
+
+
+def window_noise(seed: int, mode: str = "reference", device: torch.device | str = "cpu") -> NoiseSource:
+    """A source of initial noise: each call `draw(shape)` returns the next window's standard
+    normal noise (float32, on `device`) under the rule of `mode` (see the module docstring)."""
+    if mode not in NOISE_MODES:
+        raise ValueError(f"noise mode {mode!r} is not one of {', '.join(NOISE_MODES)}")
+    generator = torch.Generator(device).manual_seed(seed)
+
+    def draw(shape: tuple[int, ...]) -> torch.Tensor:
+        if mode == "fixed_per_window":
+            generator.manual_seed(seed)
+        return torch.randn(shape, generator=generator, device=device)
+
+    return draw
 
 
 def time_grid(steps: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 
 from ..imtalker_core.media.audio import check_audio, frame_count, to_mono_16k
 from ..imtalker_core.pipeline import Identity, generate_motion
+from ..imtalker_core.sampling import NOISE_MODES
 from . import bridge
 from .types import CONTROLS, GENERATOR, IDENTITY, MOTION, Controls, GeneratorModels, Motion
 
@@ -47,6 +48,12 @@ class IMTalkerAudioToMotion:
                 "cfg_scale": ("FLOAT", {"default": 3.0, "min": 1.0, "max": 10.0, "step": 0.1,
                                         "tooltip": "Audio guidance: higher follows the speech more strongly "
                                                    "(3 as in the reference; 1 disables guidance and is faster)."}),
+                "noise": (list(NOISE_MODES), {
+                    "default": "reference",
+                    "tooltip": "reference: the seed starts one noise stream and every 2-second window draws fresh "
+                               "noise from it (the reference's default). fixed_per_window: every window starts "
+                               "from the same noise (the reference's --fix_noise_seed); motion may repeat every "
+                               "2 s."}),
             },
             "optional": {
                 "controls": (CONTROLS, {"tooltip": "Optional pose / camera / gaze sequences (IMTALKER_CONTROLS)."}),
@@ -66,7 +73,7 @@ class IMTalkerAudioToMotion:
                    "flow-matching generator, in 2-second windows. Render it with IMTalker Render.")
 
     def generate(self, generator: GeneratorModels, identity: Identity, audio: dict, seed: int, steps: int,
-                 cfg_scale: float, controls: Controls | None = None):
+                 cfg_scale: float, noise: str = "reference", controls: Controls | None = None):
         waveform, sample_rate = bridge.audio_waveform(audio)
         encoder = bridge.ensure_loaded(generator.audio_encoder)
         rate, fps = encoder.sample_rate, encoder.fps
@@ -81,7 +88,7 @@ class IMTalkerAudioToMotion:
         controls = controls or Controls()
         latents = generate_motion(
             model, features, identity.motion, pose=controls.pose, cam=controls.cam, gaze=controls.gaze,
-            cfg_scale=cfg_scale, steps=steps, seed=seed, noise_device="cpu",
+            cfg_scale=cfg_scale, steps=steps, seed=seed, noise=noise, noise_device="cpu",
             callback=bridge.Progress(windows * steps, "generating motion"), check_interrupt=bridge.check_interrupt)
         used_audio = bridge.make_audio(pad_to_frames(speech, frames, encoder.samples_per_frame), rate)
         return (Motion(latents.cpu(), float(fps)), used_audio, float(fps))

@@ -65,22 +65,62 @@ def test_renderer_frames(standin_renderer, renderer_golden):
     assert diff.max().item() <= 5e-2
 
 
+@pytest.fixture(scope="module")
+def fresh_noise_golden():
+    return load_file(parity_file("generator_golden_fresh_noise.safetensors"))
+
+
+def _controls(g, use: bool) -> dict:
+    return {"pose": g["pose"], "cam": g["cam"], "gaze": g["gaze"]} if use else {}
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("sample_audio_cfg2", {"cfg_scale": 2.0}),
     ("sample_audio_cfg1", {"cfg_scale": 1.0}),
     ("sample_all_conditions_cfg3", {"cfg_scale": 3.0, "controls": True}),
 ])
-def test_generator_samples(standin_generator, generator_golden, name, kwargs):
+def test_generator_samples_fixed_noise(standin_generator, generator_golden, name, kwargs):
+    """The reference's `--fix_noise_seed` mode: every window starts from the same noise."""
     g = generator_golden
-    controls = {"pose": g["pose"], "cam": g["cam"], "gaze": g["gaze"]} if kwargs.pop("controls", False) else {}
+    controls = _controls(g, kwargs.pop("controls", False))
     sample = generate_motion(standin_generator, g["audio_features"], g["z_ref"], steps=10, seed=7,
-                             **kwargs, **controls)
+                             noise="fixed_per_window", **kwargs, **controls)
     assert max_diff(sample, g[name][0]) <= SAMPLE_TOL
 
 
-def test_initial_noise_matches_reference_stream(generator_golden):
-    gen = torch.Generator("cpu").manual_seed(7)
-    assert torch.equal(torch.randn(1, 50, 32, generator=gen), generator_golden["x0_seed7"])
+@pytest.mark.parametrize("name,seed,cfg_scale,controls", [
+    ("sample_cfg2_seed7", 7, 2.0, False),
+    ("sample_cfg3_seed42_all", 42, 3.0, True),
+])
+def test_generator_samples_default_noise(standin_generator, fresh_noise_golden, name, seed, cfg_scale, controls):
+    """The default is the reference's default: seeded once, fresh noise for every window."""
+    g = fresh_noise_golden
+    sample = generate_motion(standin_generator, g["audio_features"], g["z_ref"], steps=10, seed=seed,
+                             cfg_scale=cfg_scale, **_controls(g, controls))
+    assert max_diff(sample, g[name][0]) <= SAMPLE_TOL
+
+
+@pytest.mark.parametrize("mode", ["reference", "fixed_per_window"])
+def test_sampler_initial_noise_per_window(standin_generator, generator_golden, fresh_noise_golden, monkeypatch,
+                                          mode):
+    """The noise the sampler integrates from, window by window, is the reference's for each mode."""
+    import imtalker_core.generator.model as generator_model
+
+    starts = []
+    real_euler = generator_model.euler
+
+    def recording_euler(velocity, x, grid, callback=None):
+        starts.append(x.clone())
+        return real_euler(velocity, x, grid, callback)
+
+    monkeypatch.setattr(generator_model, "euler", recording_euler)
+    g = fresh_noise_golden
+    generate_motion(standin_generator, g["audio_features"], g["z_ref"], steps=2, seed=7, cfg_scale=1.0, noise=mode)
+    expected = (list(g["x0_windows_seed7"]) if mode == "reference"
+                else [generator_golden["x0_seed7"]] * 3)
+    assert len(starts) == 3
+    for got, want in zip(starts, expected):
+        assert torch.equal(got, want)
 
 
 def test_audio_features():

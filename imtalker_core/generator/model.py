@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GeneratorConfig
-from ..sampling import euler, guided, time_grid
+from ..sampling import euler, guided, time_grid, window_noise
 from .dit import FlowMatchingTransformer
 
 log = logging.getLogger(__name__)
@@ -90,16 +90,16 @@ class MotionGenerator(nn.Module):
     @torch.no_grad()
     def sample(self, audio: torch.Tensor, ref_motion: torch.Tensor, pose: torch.Tensor | None = None,
                cam: torch.Tensor | None = None, gaze: torch.Tensor | None = None, cfg_scale: float = 3.0,
-               steps: int = 10, seed: int = 0, noise_device: torch.device | str = "cpu",
+               steps: int = 10, seed: int = 0, noise: str = "reference", noise_device: torch.device | str = "cpu",
                callback: Callable[[int, int], None] | None = None,
                check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
         """Generate motion latents `[B, T, motion_dim]` for audio features `[B, T, audio_dim]`.
 
         The clip is generated in windows of `window_frames` (50), each conditioned on the last
         `context_frames` (10) of the previous one; the last window is padded by repeating its
-        last frame and cropped afterwards. Every window starts from `randn(B, 50, motion_dim)` drawn
-        from a generator freshly seeded with `seed` on `noise_device` (the reference's behaviour);
-        drawing on the CPU makes a seed give the same motion on every device.
+        last frame and cropped afterwards. Each window starts from `randn(B, 50, motion_dim)` drawn on
+        `noise_device` by `sampling.window_noise(seed, noise)`: "reference" (seeded once, fresh noise
+        per window, the reference's default) or "fixed_per_window" (its `--fix_noise_seed`).
         `callback(done, total)` counts Euler steps over all windows; `check_interrupt()` may raise.
         """
         c = self.cfg
@@ -111,6 +111,7 @@ class MotionGenerator(nn.Module):
         ref_motion = ref_motion.to(param).expand(b, -1)
         a, others = self.embed_controls(audio, pose, cam, gaze)
         grid = time_grid(steps, device=param.device)
+        draw_noise = window_noise(seed, noise, noise_device)
         n_windows = math.ceil(total / c.window_frames)
         ctx = c.context_frames
         prev_x = torch.zeros(b, ctx, c.motion_dim, device=param.device, dtype=param.dtype)
@@ -131,8 +132,7 @@ class MotionGenerator(nn.Module):
                                          o_full.repeat(2, 1, 1))
                 return self.velocity(t, x, ref_motion, prev_x, a_w, prev_a, o_full)
 
-            gen = torch.Generator(noise_device).manual_seed(seed)
-            x0 = torch.randn(b, c.window_frames, c.motion_dim, generator=gen, device=noise_device)
+            x0 = draw_noise((b, c.window_frames, c.motion_dim))
 
             def step_callback(i, n, w=w):
                 if check_interrupt is not None:
