@@ -62,7 +62,10 @@ def check_images(images: torch.Tensor, size: int, name: str = "images") -> torch
         raise InputError(f"{name} is an empty batch")
     if not torch.isfinite(images).all():
         raise InputError(f"{name} contains NaN or infinite values")
-    return images
+    # One memory layout for every caller: a channels-last view (e.g. a permuted HWC image) makes the
+    # convolutions pick other kernels, whose different summation order can flip near-tied anchor
+    # argmax picks and so change whole 8x8 blocks of the frame.
+    return images.contiguous()
 
 
 @torch.no_grad()
