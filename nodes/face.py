@@ -71,7 +71,8 @@ class IMTalkerCropFace:
     RETURN_TYPES = ("IMAGE", CROP, "MASK")
     RETURN_NAMES = ("face", "crop", "crop_mask")
     OUTPUT_TOOLTIPS = (
-        "The square face crop(s), 512×512 (parts outside the photo are black).",
+        "The square face crop(s), 512×512, always inside the photo (no black borders): slid inside when the "
+        "face is near an edge, and cut to the photo's short side when it would be larger, as in the reference.",
         "Where the crop lies in the original, for IMTalker Paste Back / Render To Video.",
         "1 where the crop covers the original image, 0 elsewhere (original size).",
     )

@@ -36,7 +36,7 @@ def test_face_found_in_each_portrait(name: str) -> None:
     assert abs((y + h / 2) - height / 2) < 0.3 * height
     crop, box = crop_face(image, size=128, name=name)
     assert crop.shape == (128, 128, 3) and crop.dtype == np.float32
-    assert box.size == 2 * int(max(w, h) * 1.6 / 2)
+    assert box.size == min(2 * int(max(w, h) * 1.6 / 2), height, width)
 
 
 def test_detection_is_scale_invariant(photo: np.ndarray) -> None:
@@ -72,9 +72,10 @@ def test_crop_box_validates() -> None:
         CropBox(0, 0, 5, 0, 10)
 
 
-def test_crop_pads_with_black_outside_the_image() -> None:
+def test_pad_border_keeps_the_square_centred_and_pads_black() -> None:
     image = np.full((100, 80, 3), 0.75, dtype=np.float32)
-    box = box_around((50, 0, 30, 30), image_h=100, image_w=80, scale=2.0)  # reaches past top and right
+    box = box_around((50, 0, 30, 30), image_h=100, image_w=80, scale=2.0, border="pad")  # past top and right
+    assert box == CropBox(35, -15, 60, 100, 80)
     assert box.y0 < 0 and box.x1 > 80
     crop = crop_box(image, box)
     assert crop.shape == (box.size, box.size, 3)
@@ -86,11 +87,153 @@ def test_crop_pads_with_black_outside_the_image() -> None:
     np.testing.assert_array_equal(crop_box(ramp, inner), ramp[20:60, 10:50])
 
 
-def test_fit_inside_slides_the_box_like_the_reference() -> None:
-    box = box_around((50, 0, 30, 30), image_h=100, image_w=80, scale=2.0, fit_inside=True)
-    assert 0 <= box.x0 and box.x1 <= 80 and 0 <= box.y0 and box.y1 <= 100
-    huge = box_around((0, 0, 80, 100), image_h=100, image_w=80, scale=3.0, fit_inside=True)
-    assert huge.size == 80 and (huge.x0, huge.x1) == (0, 80)
+# Face (x, y, 20, 20) in a 100x120 image, scale 2: a 40 px square centred on the face. Where that
+# crosses an edge the default slides it back inside (the reference app); "pad" keeps it centred.
+@pytest.mark.parametrize("face, shifted, centred", [
+    ((2, 40, 20, 20), (0, 30), (-8, 30)),      # left edge
+    ((100, 40, 20, 20), (80, 30), (90, 30)),   # right edge
+    ((50, 3, 20, 20), (40, 0), (40, -7)),      # top edge
+    ((50, 85, 20, 20), (40, 60), (40, 75)),    # bottom edge
+    ((100, 85, 20, 20), (80, 60), (90, 75)),   # bottom-right corner
+    ((40, 30, 20, 20), (30, 20), (30, 20)),    # well inside: both agree
+])
+def test_box_slides_inside_the_image_like_the_reference(face, shifted, centred) -> None:
+    assert box_around(face, image_h=100, image_w=120, scale=2.0) == CropBox(*shifted, 40, 100, 120)
+    assert box_around(face, image_h=100, image_w=120, scale=2.0, border="pad") == CropBox(*centred, 40, 100, 120)
+
+
+def reference_app_square(x0: int, y0: int, side: int, h: int, w: int) -> tuple[int, int, int]:
+    """The reference app's placement, edge by edge as its process_img does it: (x0, y0, side)."""
+    x1, y1, x2, y2 = x0, y0, x0 + side, y0 + side
+    if x1 < 0:
+        x2, x1 = x2 - x1, 0
+    if y1 < 0:
+        y2, y1 = y2 - y1, 0
+    if x2 > w:
+        x1, x2 = x1 - (x2 - w), w
+    if y2 > h:
+        y1, y2 = y1 - (y2 - h), h
+    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
+    return x1, y1, min(x2 - x1, y2 - y1)
+
+
+def test_box_placement_equals_the_reference_app_rule() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(2000):
+        h, w = (int(v) for v in rng.integers(20, 300, 2))
+        fw, fh = (int(v) for v in rng.integers(4, 200, 2))
+        x, y = int(rng.integers(-fw // 2, w)), int(rng.integers(-fh // 2, h))
+        scale = float(rng.uniform(1.0, 3.0))
+        box = box_around((x, y, fw, fh), h, w, scale)
+        half = max(1, int(max(fw, fh) * scale / 2))
+        want = reference_app_square(x + fw // 2 - half, y + fh // 2 - half, 2 * half, h, w)
+        assert (box.x0, box.y0, box.size) == want, (h, w, x, y, fw, fh, scale)
+        assert 0 <= box.x0 and box.x1 <= w and 0 <= box.y0 and box.y1 <= h  # never any black
+
+
+def test_square_larger_than_the_image_is_cut_to_fit_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # Side 60 in a 40-row image: rows are clamped to the image, then the square is cut to 40 px
+    # from its top-left corner, as the reference does.
+    with caplog.at_level(logging.INFO, logger="imtalker_core.media.face"):
+        box = box_around((50, 0, 30, 30), image_h=40, image_w=200, scale=2.0)
+    assert box == CropBox(35, 0, 40, 40, 200)
+    assert "the 60 px face crop is larger than the 200x40 image; using 40 px at (35, 0)" in caplog.text
+    # No message when the square fits.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="imtalker_core.media.face"):
+        box_around((0, 0, 10, 10), image_h=40, image_w=200, scale=2.0)
+    assert caplog.text == ""
+    with pytest.raises(InputError, match="border must be 'shift'.*got 'clamp'"):
+        box_around((0, 0, 10, 10), 40, 200, border="clamp")  # type: ignore[arg-type]
+
+
+EDGES = ["left", "right", "top", "bottom"]
+CANVAS_H, CANVAS_W = 720, 840
+
+
+def edge_canvas(photo: np.ndarray, edge: str) -> np.ndarray:
+    """The test portrait on a grey 720x840 canvas, against one edge so its 1.6x square crosses it."""
+    canvas = np.full((CANVAS_H, CANVAS_W, 3), 0.5, dtype=np.float32)
+    if edge == "left":
+        canvas[104:616, :512] = photo
+    elif edge == "right":
+        canvas[104:616, -512:] = photo
+    elif edge == "top":
+        canvas[:512, 164:676] = photo
+    else:
+        # The face sits high in the photo, with 112 px below the chin: drop the lowest 72 rows.
+        canvas[-440:, 164:676] = photo[:440]
+    return canvas
+
+
+@pytest.mark.parametrize("edge", EDGES)
+def test_face_near_an_edge_is_cropped_inside_the_image(photo: np.ndarray, edge: str) -> None:
+    canvas = edge_canvas(photo, edge)
+    x, y, w, h = detect_faces(canvas)[0]
+    side = 2 * int(max(w, h) * 0.8)  # the reference's square
+    centred = CropBox(x + w // 2 - side // 2, y + h // 2 - side // 2, side, CANVAS_H, CANVAS_W)
+    crosses = {"left": centred.x0 < 0, "right": centred.x1 > CANVAS_W,
+               "top": centred.y0 < 0, "bottom": centred.y1 > CANVAS_H}
+    assert crosses[edge], f"the centred square does not cross the {edge} edge: {centred}"
+
+    crop, box = crop_face(canvas, size=side)  # native size: no resampling
+    assert box.size == side
+    assert 0 <= box.x0 and box.x1 <= CANVAS_W and 0 <= box.y0 and box.y1 <= CANVAS_H
+    flush = {"left": box.x0 == 0, "right": box.x1 == CANVAS_W, "top": box.y0 == 0, "bottom": box.y1 == CANVAS_H}
+    assert flush[edge], box
+    # Only the axis that crossed moves; the other stays centred on the face.
+    if edge in ("left", "right"):
+        assert box.y0 == centred.y0
+    else:
+        assert box.x0 == centred.x0
+    np.testing.assert_array_equal(crop, canvas[box.y0:box.y1, box.x0:box.x1])
+    # No black padding: the side at the image edge shows the photo, the opposite side the grey canvas.
+    edge_line = {"left": crop[:, 0], "right": crop[:, -1], "top": crop[0], "bottom": crop[-1]}[edge]
+    far_line = {"left": crop[:, -1], "right": crop[:, 0], "top": crop[-1], "bottom": crop[0]}[edge]
+    assert edge_line.max(axis=-1).min() > 0.0
+    np.testing.assert_array_equal(far_line, 0.5)
+
+
+@pytest.mark.parametrize("edge", EDGES)
+def test_paste_back_of_a_shifted_crop(photo: np.ndarray, edge: str) -> None:
+    canvas = edge_canvas(photo, edge)
+    crop, box = crop_face(canvas, size=512)  # resized, as the renderer sees it
+    out = paste_back(crop, box, canvas, feather=0.0)
+    outside = np.ones((CANVAS_H, CANVAS_W), dtype=bool)
+    outside[box.y0:box.y1, box.x0:box.x1] = False
+    assert np.array_equal(out[outside], canvas[outside])
+    # Inside, the round trip through 512 px only costs resampling error (a misplaced paste costs far more).
+    error = np.abs(out - canvas)[~outside]
+    assert error.mean() < 0.01
+    # A feathered paste keeps full weight at the image edge the crop is flush with (no seam there).
+    mask = paste_mask(box, (CANVAS_H, CANVAS_W), feather=0.1)
+    edge_line = {"left": mask[box.y0:box.y1, 0], "right": mask[box.y0:box.y1, -1],
+                 "top": mask[0, box.x0:box.x1], "bottom": mask[-1, box.x0:box.x1]}[edge]
+    assert edge_line[len(edge_line) // 2] == 1.0
+
+
+def test_paste_back_of_a_shifted_crop_is_exact() -> None:
+    # Crop flush with the right and bottom edges, pasted back unchanged with a hard edge.
+    original = np.random.default_rng(4).random((100, 120, 3), dtype=np.float32)
+    box = box_around((100, 85, 20, 20), image_h=100, image_w=120, scale=2.0)
+    assert box == CropBox(80, 60, 40, 100, 120)
+    restored = paste_back(crop_box(original, box), box, original, feather=0.0)
+    np.testing.assert_allclose(restored, original, atol=1e-6)
+    gray = paste_back(np.full((40, 40, 3), 0.5, np.float32), box, original, feather=0.0)
+    np.testing.assert_array_equal(gray[60:, 80:], 0.5)
+    assert np.array_equal(gray[:60], original[:60]) and np.array_equal(gray[:, :80], original[:, :80])
+
+
+def test_too_large_square_on_a_real_photo(photo: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    x, y, w, h = detect_faces(photo)[0]
+    side = 2 * int(max(w, h) * 0.8)
+    assert side > 512  # the vendored head shot is tight: its 1.6x square cannot fit
+    with caplog.at_level(logging.INFO, logger="imtalker_core.media.face"):
+        crop, box = crop_face(photo, size=512)
+    assert f"the {side} px face crop is larger than the 512x512 image" in caplog.text
+    # The whole photo, no black: exactly what the reference app feeds the model.
+    assert (box.x0, box.y0, box.size) == (0, 0, 512)
+    np.testing.assert_array_equal(crop, photo)
 
 
 def test_crop_resizes_and_keeps_range() -> None:
@@ -184,6 +327,20 @@ def test_paste_mask_box_beyond_the_image() -> None:
     assert mask.shape == (200, 120)
     assert np.all(mask[:60] == 0.0)  # above the box
     assert mask[130, 0] == 1.0 and mask[130, 119] == 1.0  # box runs past both side borders: no seam
+
+
+def test_paste_mask_is_not_feathered_at_image_edges() -> None:
+    # Flush with the left and top image edges: full weight up to those edges, a ramp at the others.
+    mask = paste_mask(CropBox(0, 0, 100, 150, 200), (150, 200), feather=0.1)
+    assert np.all(mask[:90, 0] == 1.0) and np.all(mask[0, :90] == 1.0)
+    assert mask[50, 99] < 0.05 and mask[99, 50] < 0.05 and mask[50, 100] == 0.0
+    # Flush with the right and bottom edges.
+    mask = paste_mask(CropBox(100, 50, 100, 150, 200), (150, 200), feather=0.1)
+    assert np.all(mask[60:150, 199] == 1.0) and np.all(mask[149, 110:200] == 1.0)
+    assert mask[100, 100] < 0.05 and mask[50, 150] < 0.05 and mask[49, 150] == 0.0
+    # Slightly past an edge (less than the ramp): still no fade at the image border.
+    mask = paste_mask(CropBox(-5, 20, 100, 150, 200), (150, 200), feather=0.1)
+    assert mask[70, 0] == 1.0 and mask[70, 94] < 0.05
 
 
 @pytest.mark.parametrize("box", [CropBox(30, 20, 90, 140, 160), CropBox(-40, 80, 150, 140, 160)])

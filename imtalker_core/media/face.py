@@ -9,10 +9,14 @@ faces are found the largest one wins.
 
 Crop geometry follows the reference app: the square side is ``max(w_face, h_face) * scale``
 (the reference uses ``2 * int(max(w, h) * 0.8)``, i.e. scale 1.6), centred on the detected box.
-Unlike the reference, which slides the square back inside the image, the square stays centred
-and whatever falls outside the image is padded with black (pass ``fit_inside=True`` to get the
-reference behaviour instead). `CropBox` records the square in source-pixel coordinates so
-`paste_back` can put generated frames exactly where the crop came from.
+Where that square crosses an image edge it is slid back inside the image (``border="shift"``,
+the default, as the reference does), so the face sits off-centre in the crop but the encoders
+never see black borders, which the model was not trained on. A square larger than the image is
+cut to fit as the reference cuts it: clamped to the image, then reduced to the shorter of its
+sides from its top-left corner (logged). ``border="pad"`` keeps the full square centred on the
+face and pads whatever leaves the image with black. `CropBox` records the square in
+source-pixel coordinates so `paste_back` can put generated frames exactly where the crop came
+from.
 """
 from __future__ import annotations
 
@@ -41,6 +45,9 @@ _CASCADE_FILE = "haarcascade_frontalface_default.xml"
 _CASCADE_LOCK = threading.Lock()
 
 ArrayLike = np.ndarray | torch.Tensor
+#: How a crop square that crosses the image edge is placed (see the module docstring).
+Border = Literal["shift", "pad"]
+BORDERS: tuple[str, ...] = ("shift", "pad")
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,8 @@ class CropBox:
 
     Covers columns ``x0 .. x0 + size - 1`` and rows ``y0 .. y0 + size - 1`` of an image that is
     ``image_h`` x ``image_w`` pixels. Negative ``x0``/``y0`` or ``x0 + size > image_w`` mean
-    the crop reaches past the border; those pixels are black in the crop.
+    the crop reaches past the border (face boxes only do so when the square is larger than the
+    image, or with ``border="pad"``); those pixels are black in the crop.
     """
 
     x0: int
@@ -134,19 +142,20 @@ def detect_faces(image: ArrayLike) -> list[tuple[int, int, int, int]]:
 
 
 def box_around(face: tuple[int, int, int, int], image_h: int, image_w: int, scale: float = 1.6,
-               fit_inside: bool = False) -> CropBox:
-    """The square crop for a face box ``(x, y, w, h)``: side ``max(w, h) * scale``, same centre.
+               border: Border = "shift") -> CropBox:
+    """The square crop for a face box ``(x, y, w, h)`` in an ``image_h`` x ``image_w`` image.
 
-    Integer rounding matches the reference (half side ``int(max(w, h) * scale / 2)``, centre
-    ``x + w // 2``). With ``fit_inside`` the side is capped at the image's short side and the
-    square is slid back inside the image, as the reference app does.
+    Side ``max(w, h) * scale`` around the face centre, then placed by ``border``: ``"shift"``
+    slides it inside the image (cutting a square larger than the image down to it, as the reference
+    does), ``"pad"`` keeps it centred and whole; see the module docstring.
     """
     if not scale > 0:
         raise InputError(f"scale must be positive, got {scale}")
     x, y, w, h = face
+    # parity: the reference's integer rounding, half side int(max(w, h) * 0.8) and centre x + w // 2.
     half = max(1, int(max(w, h) * scale / 2))
     cx, cy = x + w // 2, y + h // 2
-    return _square(cx - half, cy - half, 2 * half, image_h, image_w, fit_inside)
+    return _square(cx - half, cy - half, 2 * half, image_h, image_w, border)
 
 
 def center_box(image_h: int, image_w: int) -> CropBox:
@@ -155,16 +164,36 @@ def center_box(image_h: int, image_w: int) -> CropBox:
     return CropBox((image_w - side) // 2, (image_h - side) // 2, side, image_h, image_w)
 
 
-def _square(x0: int, y0: int, side: int, image_h: int, image_w: int, fit_inside: bool) -> CropBox:
-    """A `CropBox`, optionally shrunk to the image's short side and clamped inside the image."""
-    if fit_inside:
-        # Keep the centre where possible while shrinking, then slide the square into the image.
-        if side > min(image_h, image_w):
-            shrink = side - min(image_h, image_w)
-            x0, y0, side = x0 + shrink // 2, y0 + shrink // 2, side - shrink
-        x0 = min(max(x0, 0), image_w - side)
-        y0 = min(max(y0, 0), image_h - side)
+def _square(x0: int, y0: int, side: int, image_h: int, image_w: int, border: Border) -> CropBox:
+    """A `CropBox` with top-left ``(x0, y0)`` as wanted, placed according to ``border``."""
+    _check_border(border)
+    if border == "shift":
+        # parity: the reference moves each edge that leaves the image back inside (left/top first),
+        # clamps the result to the image, then cuts the square to the shorter of its two sides,
+        # keeping the top-left corner. A square that fits is thereby only slid, never shrunk.
+        x1, y1 = _slide(x0, side, image_w), _slide(y0, side, image_h)
+        x2, y2 = min(x1 + side, image_w), min(y1 + side, image_h)
+        x1, y1 = max(x1, 0), max(y1, 0)
+        fitted = min(x2 - x1, y2 - y1)
+        if fitted < side:
+            logger.info("the %d px face crop is larger than the %dx%d image; using %d px at (%d, %d) instead, "
+                        "as the reference does (a smaller crop scale keeps the face centred)",
+                        side, image_w, image_h, fitted, x1, y1)
+        x0, y0, side = x1, y1, fitted
     return CropBox(int(x0), int(y0), int(side), int(image_h), int(image_w))
+
+
+def _check_border(border: str) -> None:
+    if border not in BORDERS:
+        raise InputError(f"border must be 'shift' (keep the crop inside the image) or 'pad' (keep it centred, "
+                         f"black outside the image), got {border!r}")
+
+
+def _slide(start: int, side: int, length: int) -> int:
+    """Where a span ``[start, start + side)`` starts once its ends are moved back inside ``[0, length)``:
+    left end first, then the right end (which may push a span longer than the image below 0)."""
+    start = max(start, 0)
+    return start - max(start + side - length, 0)
 
 
 def crop_box(image: ArrayLike, box: CropBox, size: int | None = None) -> ArrayLike:
@@ -196,22 +225,24 @@ def crop_box(image: ArrayLike, box: CropBox, size: int | None = None) -> ArrayLi
 
 def crop_face(image_hw3: ArrayLike, scale: float = 1.6, size: int = 512,
               on_no_face: Literal["error", "center"] = "error", name: str = "the image",
-              fit_inside: bool = False) -> tuple[ArrayLike, CropBox]:
+              border: Border = "shift") -> tuple[ArrayLike, CropBox]:
     """Find the largest face and return its square crop ``[size, size, 3]`` and the `CropBox`.
 
     ``image_hw3`` is float in ``[0, 1]`` (or uint8) ``[H, W, 3]``, numpy or CPU torch; the crop
-    is float32 of the same kind. Without a face, ``on_no_face='error'`` raises `InputError`
-    and ``'center'`` uses the largest centred square. ``name`` appears in messages.
+    is float32 in ``[0, 1]`` of the same kind. The square is placed as `box_around` says for
+    ``border``. Without a face, ``on_no_face='error'`` raises `InputError` and ``'center'``
+    uses the largest centred square. ``name`` appears in messages.
     """
     if on_no_face not in ("error", "center"):
         raise InputError(f"on_no_face must be 'error' or 'center', got {on_no_face!r}")
     if size < 1:
         raise InputError(f"size must be a positive number of pixels, got {size}")
+    _check_border(border)
     array = _as_numpy_image(image_hw3)
     height, width = array.shape[:2]
     faces = detect_faces(array)
     if faces:
-        box = box_around(faces[0], height, width, scale, fit_inside)
+        box = box_around(faces[0], height, width, scale, border)
         logger.info("face in %s at %s; crop %d px at (%d, %d)", name, faces[0], box.size, box.x0, box.y0)
     elif on_no_face == "center":
         box = center_box(height, width)
@@ -224,19 +255,21 @@ def crop_face(image_hw3: ArrayLike, scale: float = 1.6, size: int = 512,
 
 
 def stable_video_box(frames: Iterable[ArrayLike] | ArrayLike, scale: float = 1.6, sample_every: int = 15,
-                     fit_inside: bool = False) -> CropBox:
+                     border: Border = "shift") -> CropBox:
     """One crop box for a whole video: median face centre and size over sampled frames.
 
     ``frames`` is any iterable of ``[H, W, 3]`` frames (uint8 or float ``[0, 1]``, numpy or
     torch), e.g. `imtalker_core.media.video.read_video`, or a ``[T, H, W, 3]`` array. Faces are
     detected on every ``sample_every``-th frame (the reference app uses 15); frames without a
     face are ignored. Like the reference, the median centre and median width/height of the
-    detected boxes define the square (side ``max(median w, median h) * scale``). If no sampled
-    frame has a face a centred square is returned and a warning logged; this never raises for
-    a missing face, so a video with a face turned away still produces output.
+    detected boxes define the square (side ``max(median w, median h) * scale``), placed by
+    ``border`` as in `box_around` (the reference also slides its video crop inside the frame).
+    If no sampled frame has a face a centred square is returned and a warning logged; this
+    never raises for a missing face, so a video with a face turned away still produces output.
     """
     if sample_every < 1:
         raise InputError(f"sample_every must be at least 1, got {sample_every}")
+    _check_border(border)
     centres_x: list[float] = []
     centres_y: list[float] = []
     widths: list[int] = []
@@ -271,16 +304,17 @@ def stable_video_box(frames: Iterable[ArrayLike] | ArrayLike, scale: float = 1.6
     half = max(1, int(max(float(np.median(widths)), float(np.median(heights))) * scale / 2))
     logger.info("face found in %d of %d sampled video frames; crop %d px around (%.0f, %.0f)",
                 len(widths), sampled, 2 * half, cx, cy)
-    return _square(int(cx) - half, int(cy) - half, 2 * half, height, width, fit_inside)
+    return _square(int(cx) - half, int(cy) - half, 2 * half, height, width, border)
 
 
 def paste_mask(box: CropBox, original_hw: tuple[int, int], feather: float = 0.1) -> np.ndarray:
     """Blend weights ``[H, W]`` float32 in ``[0, 1]`` for pasting a crop back.
 
     1 deep inside the box, a smoothstep ramp over ``feather * box.size`` pixels falling towards
-    0 at the box edge, and exactly 0 outside the box. The mask only covers the image, so the
-    part of the box beyond the image border is dropped; where the box reaches past the image
-    the mask stays 1 at the image border (there is no seam to hide there).
+    0 at the box edge, and exactly 0 outside the box. Only box edges that lie inside the image
+    are feathered: where the box is flush with an image edge (a crop slid inside the image) or
+    reaches past it, the mask stays 1 up to that image edge, because there is no seam to hide
+    there. The mask only covers the image; the part of the box beyond it is dropped.
     """
     height, width = original_hw
     if (height, width) != (box.image_h, box.image_w):
@@ -291,9 +325,13 @@ def paste_mask(box: CropBox, original_hw: tuple[int, int], feather: float = 0.1)
     ramp_px = feather * box.size
 
     def axis_weights(start: int, count: int) -> np.ndarray:
-        # Distance of each pixel centre from the nearer box edge, in pixels (negative outside).
+        # Distance of each pixel centre from the nearer box edge that lies inside the image, in
+        # pixels (negative outside the box); an edge at or beyond the image border is infinitely far.
         centres = np.arange(count, dtype=np.float64) + 0.5
-        distance = np.minimum(centres - start, start + box.size - centres)
+        low = centres - start if start > 0 else np.full(count, np.inf)
+        end = start + box.size
+        high = end - centres if end < count else np.full(count, np.inf)
+        distance = np.minimum(low, high)
         if ramp_px <= 0:
             return (distance > 0).astype(np.float64)
         ramp = np.clip(distance / ramp_px, 0.0, 1.0)
