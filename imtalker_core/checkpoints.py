@@ -6,7 +6,13 @@ Every key remapping of the project lives here. Accepted layouts:
   `{"state_dict": {"model." + key: ...}}` (generator), possibly with training extras beside the
   model: `model.audio_encoder.wav2vec2.*` (a frozen stock wav2vec2), `disc.*`, `criterion_vgg.*`,
   `ema_state_dict`, optimizer / scheduler / loop states, hyper-parameters;
-- bare state dicts, with or without the prefix, as `.ckpt`/`.pt`/`.pth` or `.safetensors`.
+- bare state dicts, with or without the prefix, as `.ckpt`/`.pt`/`.pth` or `.safetensors` (a converted
+  generator may keep its wav2vec2 copy under `audio_encoder.wav2vec2.*`).
+
+The generator file's wav2vec2 copy is not part of the generator: `wav2vec2_copy` extracts it and
+`load_generator_and_audio_encoder` loads it into the audio encoder, as the reference app does (it copies
+every `model.*` parameter of the file, the wav2vec2 copy included, over the model it built from the
+`wav2vec2-base-960h/` folder).
 
 Pickles are read with `torch.load(weights_only=True)`. Classes a Lightning checkpoint carries in its
 metadata (hyper-parameter namespaces, callback states) are unpickled as inert `OpaqueObject`s:
@@ -37,6 +43,16 @@ SIGNATURES = {
     "generator": "fmt.x_embedder.proj.weight",
 }
 SAFETENSORS_SUFFIX = ".safetensors"
+# Where a generator file keeps its frozen wav2vec2 copy (after the `model.` prefix).
+WAV2VEC2_PREFIX = "audio_encoder.wav2vec2."
+# Weight-norm tensors of wav2vec2's positional convolution under the two namings of transformers:
+# `torch.nn.utils.weight_norm` (older) and `torch.nn.utils.parametrizations.weight_norm` (newer).
+_POS_CONV = "encoder.pos_conv_embed.conv."
+_WEIGHT_NORM_NAMES = (("weight_g", "parametrizations.weight.original0"),
+                      ("weight_v", "parametrizations.weight.original1"))
+# wav2vec2 parameters a copy may lack (or carry while the folder's model lacks them): SpecAugment's mask
+# embedding, used only in training; the model built from the folder keeps its own.
+_WAV2VEC2_OPTIONAL = frozenset({"masked_spec_embed"})
 
 
 class OpaqueObject(dict):
@@ -132,6 +148,11 @@ def model_entries(raw: Mapping[str, Any], kind: str, use_ema: bool = False, sour
             log.info("%s: ignoring %d entries outside '%s' (e.g. %s)", source, len(dropped), prefix, dropped[0])
         entries = {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix)}
     extras = [k for k in entries if k.startswith(TRAINING_EXTRAS[kind])]
+    copy = [k for k in extras if k.startswith(WAV2VEC2_PREFIX)]
+    if copy:
+        log.debug("%s: %d entries of the wav2vec2 copy are not generator weights (the audio encoder loader "
+                  "reads them)", source, len(copy))
+    extras = [k for k in extras if not k.startswith(WAV2VEC2_PREFIX)]
     if extras:
         log.info("%s: dropping %d training-only entries (e.g. %s)", source, len(extras), extras[0])
     return {k: v for k, v in entries.items() if not k.startswith(TRAINING_EXTRAS[kind])}
@@ -168,6 +189,102 @@ def load_strict(model: nn.Module, entries: Mapping[str, torch.Tensor], source: s
     model.load_state_dict(entries, strict=True)
 
 
+def wav2vec2_copy(raw: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The frozen wav2vec2 copy inside a raw generator file, as a `transformers.Wav2Vec2Model` state dict.
+
+    `raw` is what `read_file` returns. The copy is taken from the trained weights (`state_dict`, as the
+    reference does; wav2vec2 is frozen in training, so an EMA of it would be the same tensors): entries
+    `model.audio_encoder.wav2vec2.<name>` (official layout) or `audio_encoder.wav2vec2.<name>` (a bare or
+    converted file) become `{<name>: tensor}`, e.g. `encoder.layers.0.attention.q_proj.weight` `[768, 768]`.
+    Names are returned as stored; `match_weight_norm_names` maps the positional convolution's weight-norm
+    naming to the installed transformers. Empty when the file carries no copy.
+    """
+    entries = _trained_tensors(raw)
+    prefix = PREFIXES["generator"]
+    if any(k.startswith(prefix) for k in entries):
+        entries = {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix)}
+    return {k[len(WAV2VEC2_PREFIX):]: v for k, v in entries.items() if k.startswith(WAV2VEC2_PREFIX)}
+
+
+def match_weight_norm_names(state: Mapping[str, torch.Tensor], target_keys) -> dict[str, torch.Tensor]:
+    """`state` with the positional convolution's weight-norm tensors renamed to the naming of `target_keys`.
+
+    Older transformers store `encoder.pos_conv_embed.conv.weight_g` `[1, 1, K]` and `.weight_v`
+    `[C, C/groups, K]`; newer ones the same tensors as `.parametrizations.weight.original0` and
+    `.original1`. A name is changed only when `target_keys` (the installed model's state-dict keys)
+    has the other name and `state` does not already hold it; everything else is returned unchanged.
+    """
+    target = set(target_keys)
+    out = dict(state)
+    for old, new in _WEIGHT_NORM_NAMES:
+        for src, dst in ((_POS_CONV + old, _POS_CONV + new), (_POS_CONV + new, _POS_CONV + old)):
+            if src in out and src not in target and dst in target and dst not in out:
+                out[dst] = out.pop(src)
+    return out
+
+
+def load_wav2vec2_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                          architecture: str = "the wav2vec2 folder") -> int:
+    """Load a wav2vec2 state dict (e.g. `wav2vec2_copy(raw)`) strictly into `model`, a `Wav2Vec2Model`
+    built from the folder's `config.json` (`architecture` names that folder in errors).
+
+    Like the reference, only parameters are copied (buffers in `state` are ignored, the model keeps
+    its own). Every other parameter must be present with the model's shape; only `masked_spec_embed`
+    (a training-only SpecAugment embedding) may be absent on either side. Otherwise `CheckpointError`
+    names `source`, the counts and examples of missing, unexpected and wrongly shaped keys, and what
+    to do. Returns the number of tensors loaded.
+    """
+    own = model.state_dict()
+    state = match_weight_norm_names(state, own)
+    buffers = {name for name, _ in model.named_buffers()}
+    params = set(own) - buffers
+    state = {k: v for k, v in state.items() if k not in buffers}
+    missing = sorted(params - set(state) - _WAV2VEC2_OPTIONAL)
+    unexpected = sorted(set(state) - params - _WAV2VEC2_OPTIONAL)
+    wrong_shape = sorted(k for k in params & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong_shape)):
+            if keys:
+                examples = ", ".join(keys[:3])
+                if label == "with the wrong shape":
+                    examples = ", ".join(f"{k} {list(state[k].shape)} in the file, {list(own[k].shape)} in the folder"
+                                         for k in keys[:3])
+                parts.append(f"{len(keys)} {label} (e.g. {examples})")
+        raise CheckpointError(
+            f"{source}: its wav2vec2 copy ({WAV2VEC2_PREFIX}*, {len(state)} tensors) does not match the "
+            f"architecture in {architecture} (config.json): " + "; ".join(parts) + ". Use the wav2vec2 folder "
+            "the generator was trained with (the official wav2vec2-base-960h), or convert the generator without "
+            "its copy (`python -m imtalker_core convert SRC DST.safetensors --drop-wav2vec2`) to use the "
+            "folder's own weights.")
+    state = {k: v for k, v in state.items() if k in params}
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert set(result.missing_keys) <= _WAV2VEC2_OPTIONAL | buffers, result.missing_keys
+    return len(state)
+
+
+def load_audio_encoder(folder: str | os.PathLike, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32, weights: Mapping[str, torch.Tensor] | None = None,
+                       source: str = "the given wav2vec2 weights"):
+    """wav2vec2 from a local folder (`wav2vec2-base-960h/`), in eval mode on `device`.
+
+    Without `weights` the folder's own weights (`pytorch_model.bin` / `model.safetensors`) are used.
+    With `weights` (a `Wav2Vec2Model` state dict, e.g. `wav2vec2_copy(read_file("generator.ckpt"))`)
+    the folder gives only the architecture and audio settings (`config.json`,
+    `preprocessor_config.json`), `weights` are loaded strictly (`load_wav2vec2_weights`, errors name
+    `source`), and the folder's weights file is neither read nor needed.
+    """
+    from .generator.audio import AudioEncoder
+
+    if weights:
+        encoder = AudioEncoder.from_config(folder)
+        load_wav2vec2_weights(encoder.wav2vec2, weights, source, architecture=os.fspath(folder))
+    else:
+        encoder = AudioEncoder.from_folder(folder)
+    return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
 def load_renderer(path: str | os.PathLike, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32, cfg=None):
     """Build the renderer and load `path` into it strictly; returns it in eval mode on `device`."""
@@ -178,23 +295,64 @@ def load_renderer(path: str | os.PathLike, device: torch.device | str = "cpu",
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def load_generator(path: str | os.PathLike, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32, use_ema: bool = False, cfg=None):
-    """Build the motion generator and load `path` (optionally its EMA weights) strictly."""
+def _generator_from(raw: Mapping[str, Any], source: str, device, dtype: torch.dtype, use_ema: bool, cfg):
     from .generator import MotionGenerator
 
     model = MotionGenerator(cfg)
-    entries = model_entries(read_file(path), "generator", use_ema=use_ema, source=os.fspath(path))
-    load_strict(model, entries, os.fspath(path), "generator")
+    load_strict(model, model_entries(raw, "generator", use_ema=use_ema, source=source), source, "generator")
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def load_generator(path: str | os.PathLike, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32, use_ema: bool = False, cfg=None):
+    """Build the motion generator and load `path` (optionally its EMA weights) strictly.
+
+    The file's wav2vec2 copy, if any, is ignored here; `load_generator_and_audio_encoder` uses it.
+    """
+    return _generator_from(read_file(path), os.fspath(path), device, dtype, use_ema, cfg)
+
+
+def load_generator_and_audio_encoder(generator_path: str | os.PathLike, wav2vec2_folder: str | os.PathLike,
+                                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                                     use_ema: bool = False, cfg=None):
+    """`(MotionGenerator, AudioEncoder)` from one read of `generator_path`, with the reference's wav2vec2.
+
+    The audio encoder's architecture and audio settings always come from `wav2vec2_folder`. Its
+    weights are the generator file's wav2vec2 copy when the file carries one (what the reference
+    runs: it copies the file's parameters over the folder's model), loaded strictly: a copy that does
+    not match the folder's architecture raises `CheckpointError`; the folder's weights file is then
+    not needed. A file without a copy (e.g. converted with `keep_wav2vec2=False`) uses the folder's
+    weights. The source is logged at INFO. Both models are in eval mode on `device` in `dtype`;
+    `use_ema` picks the generator's EMA weights (the wav2vec2 copy is frozen and read from the trained
+    weights either way).
+    """
+    path = os.fspath(generator_path)
+    raw = read_file(path)
+    copy = wav2vec2_copy(raw)
+    generator = _generator_from(raw, path, device, dtype, use_ema, cfg)
+    del raw  # optimizer and loop states go before wav2vec2 is built
+    name = os.path.basename(path)
+    if copy:
+        encoder = load_audio_encoder(wav2vec2_folder, device, dtype, weights=copy, source=path)
+        log.info("wav2vec2 weights: the copy inside %s (%d tensors)", name, len(copy))
+    else:
+        encoder = load_audio_encoder(wav2vec2_folder, device, dtype)
+        log.info("wav2vec2 weights: the folder %s (%s carries no copy)",
+                 os.path.basename(os.path.normpath(os.fspath(wav2vec2_folder))), name)
+    return generator, encoder
+
+
 def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, kind: str | None = None,
-                           dtype: torch.dtype | None = None, use_ema: bool = False) -> dict[str, int]:
+                           dtype: torch.dtype | None = None, use_ema: bool = False,
+                           keep_wav2vec2: bool = True) -> dict[str, int]:
     """Write only the model's entries of `src` to `dst` (.safetensors), optionally cast to `dtype`.
 
-    The file is validated by a strict load into a fresh model before it is written. Returns
-    `{"tensors": n, "values": n}`.
+    The model's entries are validated by a strict load into a fresh model before the file is written.
+    A generator's wav2vec2 copy is kept by default, stored as it is under `audio_encoder.wav2vec2.*`,
+    so the converted file computes what the reference computes with the original (it is checked
+    against the wav2vec2 folder's architecture when loaded); `keep_wav2vec2=False` drops it, and the
+    loaders then use the folder's weights. Returns `{"tensors": n, "values": n, "wav2vec2_tensors": n}`
+    (`tensors` counts everything written, the copy included).
     """
     from safetensors.torch import save_file
 
@@ -209,9 +367,18 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, kind:
     else:
         from .generator import MotionGenerator as Model
     load_strict(Model(), entries, src, kind)
+    copy = wav2vec2_copy(raw) if kind == "generator" else {}
+    if copy and keep_wav2vec2:
+        log.info("%s: keeping the wav2vec2 copy (%d tensors) under %s*", src, len(copy), WAV2VEC2_PREFIX)
+        entries.update({WAV2VEC2_PREFIX + k: v for k, v in copy.items()})
+    elif copy:
+        log.info("%s: dropping the wav2vec2 copy (%d tensors); loaders will use the wav2vec2 folder's weights",
+                 src, len(copy))
+        copy = {}
     if dtype is not None:
         entries = {k: v.to(dtype) if v.is_floating_point() else v for k, v in entries.items()}
     if not dst.endswith(SAFETENSORS_SUFFIX):
         raise CheckpointError(f"output {dst!r} must end with {SAFETENSORS_SUFFIX}")
     save_file({k: v.contiguous() for k, v in entries.items()}, dst, metadata={"imtalker_kind": kind})
-    return {"tensors": len(entries), "values": sum(v.numel() for v in entries.values())}
+    return {"tensors": len(entries), "values": sum(v.numel() for v in entries.values()),
+            "wav2vec2_tensors": len(copy)}

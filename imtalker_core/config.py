@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import timing
+
 
 @dataclass(frozen=True)
 class RendererConfig:
@@ -66,8 +68,8 @@ class GeneratorConfig:
     depth: int = 8
     num_heads: int = 8
     mlp_ratio: float = 4.0
-    fps: float = 25.0
-    sample_rate: int = 16000
+    fps: float = float(timing.FPS)
+    sample_rate: int = timing.SAMPLE_RATE
     window_frames: int = 50
     context_frames: int = 10
     rope_base: float = 10000.0
@@ -77,7 +79,7 @@ class GeneratorConfig:
     @property
     def samples_per_frame(self) -> int:
         """Audio samples per video frame (official: 16000 / 25 = 640)."""
-        return int(self.sample_rate / self.fps)
+        return timing.samples_per_frame(self.fps, self.sample_rate)
 
 
 def tiny_renderer_config() -> RendererConfig:

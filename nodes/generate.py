@@ -7,7 +7,8 @@ import math
 import numpy as np
 import torch
 
-from ..imtalker_core.media.audio import check_audio, frame_count, to_mono_16k
+from ..imtalker_core.media.audio import check_audio, to_mono_16k
+from ..imtalker_core.timing import frame_count
 from ..imtalker_core.pipeline import Identity, generate_motion
 from ..imtalker_core.sampling import NOISE_MODES
 from . import bridge

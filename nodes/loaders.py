@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..imtalker_core import load_audio_encoder, load_generator, load_renderer
+from ..imtalker_core import load_generator_and_audio_encoder, load_renderer
 from ..imtalker_core import model_files
 from . import bridge
 from .types import GENERATOR, RENDERER, GeneratorModels
@@ -150,7 +150,8 @@ class IMTalkerLoadGenerator:
         dtype = bridge.choose_dtype(precision, bridge.compute_device())
         log.info("loading IMTalker generator %s%s and wav2vec2 %s as %s", path, " (EMA)" if use_ema else "",
                  folder, dtype)
-        generator = load_generator(path, device=bridge.offload_device(), dtype=dtype, use_ema=use_ema)
-        encoder = load_audio_encoder(folder, device=bridge.offload_device(), dtype=dtype)
+        # One read of the generator file; its wav2vec2 copy (if any) replaces the folder's weights.
+        generator, encoder = load_generator_and_audio_encoder(path, folder, device=bridge.offload_device(),
+                                                              dtype=dtype, use_ema=use_ema)
         return (GeneratorModels(bridge.manage_model(generator, generator_name, dtype),
                                 bridge.manage_model(encoder, wav2vec2_folder, dtype)),)

@@ -12,7 +12,8 @@ import soundfile
 import torch
 
 from imtalker_core.errors import InputError
-from imtalker_core.media.audio import check_audio, frame_count, load_audio, to_mono_16k
+from imtalker_core.media.audio import check_audio, load_audio, to_mono_16k
+from imtalker_core.timing import frame_count
 
 DATA = Path(__file__).parent / "data" / "media"
 

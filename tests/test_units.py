@@ -52,6 +52,34 @@ def test_core_never_imports_comfyui():
                 assert name.split(".")[0] not in banned, f"{path.name} imports {name}"
 
 
+LIGHT_IMPORT_PROBE = """
+import importlib.abc, sys
+BLOCKED = {"av", "soxr", "cv2", "soundfile", "PIL"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked for this test: " + name)
+sys.meta_path.insert(0, Block())
+import imtalker_core
+from imtalker_core import checkpoints, pipeline, sampling, timing
+from imtalker_core.generator.audio import AudioEncoder
+assert imtalker_core.frame_count(16000) == 25
+print(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
+"""
+
+
+def test_core_import_needs_no_media_libraries():
+    """`import imtalker_core` (models, checkpoints, pipeline) works with the media libraries
+    (PyAV, soxr, OpenCV, soundfile, Pillow) unavailable."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LIGHT_IMPORT_PROBE], cwd=CORE.parent, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
 def naive_guided_resample(value, attn_map, ratio):
     """The resampler written as the paper describes it: top-1 cell → mean of its r×r block."""
     b, c, h, w = value.shape

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..media.audio import frame_count
+from .. import timing
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,11 @@ class AudioEncoder(nn.Module):
 
     Build it with `AudioEncoder.from_folder(path)`; a folder holds `config.json`,
     `preprocessor_config.json` and the weights (`pytorch_model.bin` or `model.safetensors`).
+    `AudioEncoder.from_config(path)` reads only the two config files (weights loaded by the caller).
     """
 
-    def __init__(self, wav2vec2: nn.Module, do_normalize: bool = True, sample_rate: int = 16000,
-                 fps: int = 25):
+    def __init__(self, wav2vec2: nn.Module, do_normalize: bool = True, sample_rate: int = timing.SAMPLE_RATE,
+                 fps: int = timing.FPS):
         super().__init__()
         self.wav2vec2 = wav2vec2
         self.do_normalize = do_normalize
@@ -51,7 +52,32 @@ class AudioEncoder(nn.Module):
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, fps: int = 25) -> "AudioEncoder":
         """Load from a local Hugging Face folder only (never downloads)."""
-        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+        from transformers import Wav2Vec2Model
+
+        folder, extractor = cls._folder_settings(folder)
+        # Eager attention: every backend computes the same thing, and eager works on every device.
+        model = Wav2Vec2Model.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
+        model.eval()
+        return cls(model, do_normalize=extractor.do_normalize, sample_rate=extractor.sampling_rate, fps=fps)
+
+    @classmethod
+    def from_config(cls, folder: str | os.PathLike, fps: int = 25) -> "AudioEncoder":
+        """The folder's architecture and audio settings only (`config.json`, `preprocessor_config.json`),
+        with freshly initialised weights that the caller overwrites (e.g. with the generator file's
+        wav2vec2 copy, `checkpoints.load_audio_encoder(..., weights=...)`). The folder's weights file
+        is neither read nor needed."""
+        from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+        folder, extractor = cls._folder_settings(folder)
+        config = Wav2Vec2Config.from_pretrained(folder, local_files_only=True)
+        model = Wav2Vec2Model._from_config(config, attn_implementation="eager")
+        model.eval()
+        return cls(model, do_normalize=extractor.do_normalize, sample_rate=extractor.sampling_rate, fps=fps)
+
+    @staticmethod
+    def _folder_settings(folder: str | os.PathLike):
+        """`(folder, Wav2Vec2FeatureExtractor)` after checking the folder holds the two config files."""
+        from transformers import Wav2Vec2FeatureExtractor
 
         folder = os.fspath(folder)
         missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, f))]
@@ -59,24 +85,26 @@ class AudioEncoder(nn.Module):
             raise FileNotFoundError(
                 f"wav2vec2 folder {folder!r} lacks {', '.join(missing)}; it should be a copy of "
                 "wav2vec2-base-960h (config.json, preprocessor_config.json, pytorch_model.bin)")
-        extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
-        # Eager attention: every backend computes the same thing, and eager works on every device.
-        model = Wav2Vec2Model.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
-        model.eval()
-        return cls(model, do_normalize=extractor.do_normalize, sample_rate=extractor.sampling_rate, fps=fps)
+        return folder, Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
 
     @property
     def samples_per_frame(self) -> int:
-        return self.sample_rate // self.fps
+        return timing.samples_per_frame(self.fps, self.sample_rate)
 
     def normalize(self, waveform: torch.Tensor) -> torch.Tensor:
-        """Per-clip zero mean, unit variance over the last axis, as the feature extractor does."""
+        """Per-clip zero mean, unit variance over the last axis, as the feature extractor does.
+
+        The statistics are taken in float64 on the CPU (MPS has no float64, and a device never
+        needs it): only the `[B, 1]` mean and scale travel back to the waveform's device.
+        """
         if not self.do_normalize:
             return waveform
-        w = waveform.double()
-        mean = w.mean(dim=-1, keepdim=True)
-        var = w.var(dim=-1, unbiased=False, keepdim=True)
-        return ((w - mean) / torch.sqrt(var + 1e-7)).float()
+        host = waveform.detach().to("cpu", torch.float64)
+        mean = host.mean(dim=-1, keepdim=True)
+        scale = torch.rsqrt(host.var(dim=-1, unbiased=False, keepdim=True) + 1e-7)
+        if waveform.device.type == "cpu":
+            return ((host - mean) * scale).float()
+        return (waveform.float() - mean.float().to(waveform.device)) * scale.float().to(waveform.device)
 
     @torch.no_grad()
     def forward(self, waveform: torch.Tensor, num_frames: int | None = None, window_frames: int | None = 1500,
@@ -92,7 +120,7 @@ class AudioEncoder(nn.Module):
         n = waveform.shape[-1]
         if n == 0:
             raise ValueError("the audio clip is empty (0 samples)")
-        total = num_frames or frame_count(n, self.fps, self.sample_rate)
+        total = num_frames or timing.frame_count(n, self.fps, self.sample_rate)
         param = next(self.wav2vec2.parameters())
         x = self.normalize(waveform.float()).to(param)
         target = total * self.samples_per_frame
@@ -144,19 +172,31 @@ class AudioEncoder(nn.Module):
 
     @staticmethod
     def _first_layer_stats(x: torch.Tensor, conv: nn.Conv1d, eps: float, chunk: int):
-        """Per-sample, per-channel mean and 1/std of the first conv's output over the whole clip."""
+        """Per-sample, per-channel mean and 1/std of the first conv's output over the whole clip.
+
+        Each chunk's mean and sum of squared deviations are computed on the device (float32, no
+        cancellation), then merged on the CPU in float64 (Chan et al.'s pairwise update), so no
+        float64 tensor is ever created on the device.
+        """
         k, s = conv.kernel_size[0], conv.stride[0]
         n = (x.shape[-1] - k) // s + 1
-        total = torch.zeros(x.shape[0], conv.out_channels, dtype=torch.float64, device=x.device)
-        total_sq = torch.zeros_like(total)
+        count, mean, m2 = 0, None, None
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            h = conv(x[:, None, s * a: s * (b - 1) + k]).double()
-            total += h.sum(dim=-1)
-            total_sq += h.pow(2).sum(dim=-1)
-        mean = total / n
-        var = (total_sq / n - mean.pow(2)).clamp_min(0)
-        return mean[..., None].to(x.dtype), torch.rsqrt(var + eps)[..., None].to(x.dtype)
+            h = conv(x[:, None, s * a: s * (b - 1) + k]).float()
+            part_mean = h.mean(dim=-1)
+            part_m2 = (h - part_mean[..., None]).pow(2).sum(dim=-1)
+            part_mean, part_m2 = part_mean.to("cpu", torch.float64), part_m2.to("cpu", torch.float64)
+            if mean is None:
+                count, mean, m2 = b - a, part_mean, part_m2
+                continue
+            total = count + (b - a)
+            delta = part_mean - mean
+            mean = mean + delta * ((b - a) / total)
+            m2 = m2 + part_m2 + delta.pow(2) * (count * (b - a) / total)
+            count = total
+        inv_std = torch.rsqrt(m2 / count + eps)
+        return mean[..., None].to(x), inv_std[..., None].to(x)
 
     def _transformer(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.wav2vec2.encoder(hidden).last_hidden_state

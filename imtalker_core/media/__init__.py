@@ -7,7 +7,8 @@
 """
 from __future__ import annotations
 
-from .audio import check_audio, frame_count, load_audio, to_mono_16k
+from ..timing import frame_count
+from .audio import check_audio, load_audio, to_mono_16k
 from .face import (CropBox, box_around, center_box, crop_box, crop_face, detect_faces, paste_back,
                    paste_mask, stable_video_box)
 from .images import load_image, to_float, to_model_input, to_uint8

@@ -3,15 +3,13 @@
 `load_audio` reads WAV/FLAC/OGG (and whatever else libsndfile knows) with soundfile and falls
 back to PyAV (FFmpeg) for MP3, M4A/AAC, OPUS, and the audio track of video files. Waveforms are
 float32 ``[C, S]`` with samples nominally in ``[-1, 1]``. `to_mono_16k` mixes channels by
-averaging and resamples with soxr (high quality). `frame_count` is the reference's video length
-rule, ``ceil(samples * fps / sample_rate)``, in exact integer arithmetic.
+averaging and resamples with soxr (high quality). `frame_count` (from `imtalker_core.timing`) is
+the reference's video length rule, ``ceil(samples * fps / sample_rate)``, in exact integer arithmetic.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -124,24 +122,6 @@ def to_mono_16k(waveform: np.ndarray | torch.Tensor, sample_rate: int, target: i
         if mono.size:
             mono = soxr.resample(mono, sample_rate, target, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-def frame_count(num_samples_16k: int, fps: int | float | Fraction = 25, sample_rate: int = 16000) -> int:
-    """Number of video frames for ``num_samples_16k`` audio samples: ``ceil(n * fps / sample_rate)``.
-
-    Integer arithmetic (exact rational for fractional fps such as 30000/1001), so e.g. 16000
-    samples at 25 fps are exactly 25 frames, never 26 from a rounding error.
-    """
-    if num_samples_16k < 0:
-        raise InputError(f"the number of audio samples cannot be negative, got {num_samples_16k}")
-    if not fps > 0 or sample_rate <= 0:
-        raise InputError(f"fps and sample_rate must be positive, got fps={fps}, sample_rate={sample_rate}")
-    if isinstance(fps, int) or (isinstance(fps, float) and fps.is_integer()):
-        return -(-int(num_samples_16k) * int(fps) // int(sample_rate))
-    # A float like 29.97 means 2997/100, not its binary approximation (which is slightly less
-    # and would lose a frame on exact boundaries).
-    rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1_000_000)
-    return math.ceil(int(num_samples_16k) * rate / int(sample_rate))
 
 
 def check_audio(waveform_16k: np.ndarray | torch.Tensor, name: str = "the audio") -> None:
