@@ -9,6 +9,7 @@ import torch
 
 from . import model_files
 from .errors import IMTalkerError
+from .sampling import NOISE_MODES
 
 log = logging.getLogger("imtalker_core.cli")
 
@@ -63,17 +64,27 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--pose", type=Path, help="per-frame head pose [T,3] (.npy/.txt/.csv/.pt)")
     a.add_argument("--cam", type=Path, help="per-frame camera [T,3] (.npy/.txt/.csv/.pt)")
     a.add_argument("--gaze", type=Path, help="per-frame eye gaze [T,2] (.npy/.txt/.csv)")
+    a.add_argument("--noise", choices=list(NOISE_MODES), default="reference",
+                   help="initial noise: 'reference' = seeded once, fresh for every 2 s window (the reference's "
+                        "default); 'fixed_per_window' = every window starts from the same noise "
+                        "(the reference's --fix_noise_seed)")
     a.add_argument("--noise-on-device", action="store_true",
                    help="draw the initial noise on the compute device (the reference on GPU); default CPU")
     v = sub.add_parser("video", help="image + driving video → reenacted video (driving audio kept)")
     _common(v)
     v.add_argument("driving", type=Path, help="driving video")
     v.add_argument("--mute", action="store_true", help="do not copy the driving video's audio")
+    v.add_argument("--crop-driving", action="store_true",
+                   help="find the face in the driving video and crop one steady square around it "
+                        "(default: the whole frame is resized, as the reference does)")
     c = sub.add_parser("convert", help="checkpoint → .safetensors with only the model's weights")
     c.add_argument("source", type=Path)
     c.add_argument("output", type=Path)
     c.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast floating weights")
     c.add_argument("--ema", action="store_true", help="take the generator's EMA weights")
+    c.add_argument("--drop-wav2vec2", action="store_true",
+                   help="leave out the generator file's wav2vec2 copy (kept by default, as the reference runs it); "
+                        "the wav2vec2 folder's weights are then used")
     m = sub.add_parser("models", help="show (and fetch) the model files")
     m.add_argument("--models", type=Path, default=None)
     m.add_argument("--download", action="store_true", help="download missing files now")
@@ -105,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     from . import convert_to_safetensors, runner
 
     if args.command == "convert":
-        stats = convert_to_safetensors(args.source, args.output, dtype=DTYPES.get(args.dtype), use_ema=args.ema)
+        stats = convert_to_safetensors(args.source, args.output, dtype=DTYPES.get(args.dtype), use_ema=args.ema,
+                                       keep_wav2vec2=not args.drop_wav2vec2)
         log.info("wrote %s: %d tensors, %d values", args.output, stats["tensors"], stats["values"])
         return 0
     if args.command == "models":
@@ -122,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
                                 download=not args.no_download)
     crop = runner.CropSettings(crop=not args.no_crop, scale=args.crop_scale,
                                on_no_face="center" if args.center_crop_if_no_face else "error",
-                               paste_back=args.paste_back, feather=args.feather)
+                               paste_back=args.paste_back, feather=args.feather,
+                               crop_driving=getattr(args, "crop_driving", False))
     bars = _Bars()
     try:
         if args.command == "audio":
@@ -130,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
                 models, args.image, args.audio, args.output, crop, seed=args.seed, steps=args.steps,
                 cfg_scale=args.cfg, pose=runner.load_controls(args.pose, 3, "pose"),
                 cam=runner.load_controls(args.cam, 3, "cam"), gaze=runner.load_controls(args.gaze, 2, "gaze"),
-                batch_size=args.batch_size, noise_device=device if args.noise_on_device else "cpu",
+                batch_size=args.batch_size, noise=args.noise, noise_device=device if args.noise_on_device else "cpu",
                 progress=bars)
         else:
             out = runner.video_to_video(models, args.image, args.driving, args.output, crop,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import model_files
-from .checkpoints import load_generator, load_renderer
+from .checkpoints import load_generator_and_audio_encoder, load_renderer
 from .errors import InputError
 from .generator import MotionGenerator
 from .generator.audio import AudioEncoder
@@ -43,27 +43,32 @@ class Models:
 
 def load_models(models_dir: str | os.PathLike | None = None, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, audio: bool = True, download: bool = True) -> Models:
-    """Load the renderer and, for audio-driven work, the generator and wav2vec2 from a models folder."""
+    """Load the renderer and, for audio-driven work, the generator and wav2vec2 from a models folder.
+
+    The generator file is read once; wav2vec2 uses its copy of the wav2vec2 weights when it carries
+    one, as the reference does (see `checkpoints.load_generator_and_audio_encoder`)."""
     root = model_files.ensure_models(models_dir, download=download)
     renderer = load_renderer(model_files.model_path(root, model_files.RENDERER_FILE), device, dtype)
     if not audio:
         return Models(renderer)
-    generator = load_generator(model_files.model_path(root, model_files.GENERATOR_FILE), device, dtype)
-    from . import load_audio_encoder
-    encoder = load_audio_encoder(root / model_files.WAV2VEC2_DIR, device, dtype)
+    generator, encoder = load_generator_and_audio_encoder(model_files.model_path(root, model_files.GENERATOR_FILE),
+                                                          root / model_files.WAV2VEC2_DIR, device, dtype)
     return Models(renderer, generator, encoder)
 
 
 @dataclass(frozen=True)
 class CropSettings:
     """crop: find the face and crop around it (scale × the detected box); otherwise the whole image
-    is resized to 512². paste_back: composite the frames into the full original image/video frame."""
+    is resized to 512². crop_driving: also find the face in a driving video and crop one steady
+    square around it; off by default, as in the reference app, so the whole frame is resized.
+    paste_back: composite the frames into the full original image/video frame."""
 
     crop: bool = True
     scale: float = 1.6
     on_no_face: str = "error"
     paste_back: bool = False
     feather: float = 0.1
+    crop_driving: bool = False
 
 
 def load_controls(path: str | os.PathLike | None, width: int, name: str) -> torch.Tensor | None:
@@ -111,7 +116,7 @@ def audio_to_video(models: Models, image_path: str | os.PathLike, audio_path: st
                    output_path: str | os.PathLike, crop: CropSettings = CropSettings(), seed: int = 42,
                    steps: int = 10, cfg_scale: float = 3.0, pose: torch.Tensor | None = None,
                    cam: torch.Tensor | None = None, gaze: torch.Tensor | None = None, batch_size: int = 4,
-                   noise_device: str = "cpu", audio_window_frames: int | None = 1500,
+                   noise: str = "reference", noise_device: str = "cpu", audio_window_frames: int | None = 1500,
                    progress: Progress | None = None) -> Path:
     """Portrait + speech → talking-face MP4 (25 fps, the audio muxed in). Returns the output path.
 
@@ -131,7 +136,8 @@ def audio_to_video(models: Models, image_path: str | os.PathLike, audio_path: st
                                         callback=_stage(progress, "audio"))
         identity = encode_identity(models.renderer, source)
         motion = generate_motion(models.generator, features, identity.motion, pose=pose, cam=cam, gaze=gaze,
-                                 cfg_scale=cfg_scale, steps=steps, seed=seed, noise_device=noise_device,
+                                 cfg_scale=cfg_scale, steps=steps, seed=seed, noise=noise,
+                                 noise_device=noise_device,
                                  callback=_stage(progress, "motion"))
         log.info("%s: %d samples at 16 kHz → %d frames", Path(audio_path).name, len(wave16), motion.shape[0])
         _render_into(writer, models.renderer, identity, motion, batch_size, crop, box, original, progress)
@@ -144,13 +150,14 @@ def video_to_video(models: Models, image_path: str | os.PathLike, video_path: st
                    progress: Progress | None = None) -> Path:
     """Source portrait + driving video → reenacted MP4 at the driving video's frame rate.
 
-    Driving frames are cropped with one stable box for the whole clip (median face box), so the
-    face's own motion is kept; frames where the face is lost are still used as they are.
+    Driving frames are resized whole to the model size, as the reference does; with
+    `crop.crop_driving` they are cropped with one stable box for the whole clip (median face box)
+    instead, so the face's own motion is kept and frames where the face is lost still count.
     """
     size = models.renderer.cfg.image_size
     info = video_info(video_path)
     source, original, box = _prepare_source(image_path, crop, size)
-    driving_box = stable_video_box(read_video(video_path, max_frames), crop.scale) if crop.crop else None
+    driving_box = stable_video_box(read_video(video_path, max_frames), crop.scale) if crop.crop_driving else None
     audio = None
     if keep_audio and info.has_audio:
         audio = load_audio(video_path)

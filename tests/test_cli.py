@@ -5,6 +5,7 @@ import av
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from imtalker_core import cli, runner
 from imtalker_core.errors import InputError
@@ -59,6 +60,56 @@ def test_video_reenactment_with_paste_back(tmp_path, standin_dir, media_dir):
     h, w = load_image(media_dir / "painting_rgba.png").shape[:2]
     assert frames == 2 and codec == "h264"
     assert size == (w - w % 2, h - h % 2)
+
+
+class _StopAfterFirstBatch(Exception):
+    pass
+
+
+def test_driving_video_is_cropped_only_when_asked(tmp_path, media_dir, monkeypatch):
+    """The reference resizes whole driving frames; `crop_driving` crops one steady face box instead."""
+    from types import SimpleNamespace
+
+    from imtalker_core.media.face import crop_box, stable_video_box
+    from imtalker_core.media.images import to_model_input
+    from imtalker_core.media.video import read_video
+
+    video = media_dir / "driving_short.mp4"
+    first = next(iter(read_video(video, 1)))
+    seen = []
+
+    def first_batch_only(renderer, images, batch_size):  # stands in for encoding: no model needed
+        seen.append(images)
+        raise _StopAfterFirstBatch
+
+    monkeypatch.setattr(runner, "encode_motion", first_batch_only)
+    models = runner.Models(renderer=SimpleNamespace(cfg=SimpleNamespace(image_size=512)))
+    for crop_driving in (False, True):
+        with pytest.raises(_StopAfterFirstBatch):
+            runner.video_to_video(models, media_dir / "statue_256.png", video, tmp_path / "x.mp4",
+                                  runner.CropSettings(crop_driving=crop_driving), batch_size=1,
+                                  keep_audio=False, max_frames=3)
+    box = stable_video_box(read_video(video, 3))
+    assert box.size < 512  # the crop differs from the whole frame
+    assert torch.equal(seen[0], to_model_input(first, 512))
+    assert torch.equal(seen[1], to_model_input(crop_box(first, box, 512), 512))
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_crop_driving_flag(tmp_path, monkeypatch):
+    captured = {}
+
+    def fake_video_to_video(models, image, driving, output, crop, **kwargs):
+        captured["crop"] = crop
+        return output
+
+    monkeypatch.setattr(runner, "load_models", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runner, "video_to_video", fake_video_to_video)
+    base = ["video", "face.png", "drive.mp4", "-o", str(tmp_path / "out.mp4"), "--device", "cpu"]
+    assert cli.main(base) == 0
+    assert captured.pop("crop").crop_driving is False
+    assert cli.main(base + ["--crop-driving"]) == 0
+    assert captured.pop("crop").crop_driving is True
 
 
 def test_missing_models_name_the_files(tmp_path, media_dir, speech_excerpt, caplog):
@@ -132,3 +183,13 @@ def test_offline_download_names_the_files(tmp_path, monkeypatch):
         model_files.fetch(tmp_path, ["generator.ckpt"])
     with pytest.raises(InputError, match="not an official IMTalker file"):
         model_files.fetch(tmp_path, ["weights.bin"])
+
+
+def test_noise_option_defaults_to_the_reference_schedule():
+    parser = cli.build_parser()
+    args = parser.parse_args(["audio", "face.png", "speech.wav", "-o", "talk.mp4"])
+    assert args.noise == "reference"
+    args = parser.parse_args(["audio", "face.png", "speech.wav", "-o", "talk.mp4", "--noise", "fixed_per_window"])
+    assert args.noise == "fixed_per_window"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["audio", "face.png", "speech.wav", "-o", "talk.mp4", "--noise", "same"])

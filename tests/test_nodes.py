@@ -454,6 +454,19 @@ def test_audio_to_motion_is_deterministic(pack, generator, identity, media_dir):
     assert first.latents.shape == (2, 32) and torch.equal(first.latents, second.latents)
 
 
+def test_audio_to_motion_noise_modes(pack, generator, identity, media_dir):
+    """Both modes start the first 2 s window from the same noise; only 'reference' (the default)
+    draws new noise for the next window."""
+    audio = comfy_audio(media_dir / "speech_16k_mono.wav", 2.2)  # 55 frames: two windows
+    kwargs = dict(generator=generator, identity=identity, audio=audio, seed=5, steps=2, cfg_scale=1.0)
+    default = run(pack, "IMTalkerAudioToMotion", **kwargs)[0].latents
+    fresh = run(pack, "IMTalkerAudioToMotion", noise="reference", **kwargs)[0].latents
+    fixed = run(pack, "IMTalkerAudioToMotion", noise="fixed_per_window", **kwargs)[0].latents
+    assert default.shape == (55, 32) and torch.equal(default, fresh)
+    assert torch.equal(fresh[:50], fixed[:50])
+    assert (fresh[50:] - fixed[50:]).abs().max() > 0.1
+
+
 def test_audio_to_motion_rejects_empty_audio(pack, sub, generator, identity):
     empty = {"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000}
     with pytest.raises(sub("imtalker_core.errors").InputError, match="empty"):
