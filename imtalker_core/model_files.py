@@ -28,6 +28,14 @@ GENERATOR_FILE = "generator.ckpt"
 WAV2VEC2_DIR = "wav2vec2-base-960h"
 WAV2VEC2_FILES = ("config.json", "pytorch_model.bin", "preprocessor_config.json", "feature_extractor_config.json")
 OFFICIAL_FILES = (RENDERER_FILE, GENERATOR_FILE, *(f"{WAV2VEC2_DIR}/{f}" for f in WAV2VEC2_FILES))
+WAV2VEC2_UPSTREAM = "https://huggingface.co/facebook/wav2vec2-base-960h"
+# What to do about a missing or damaged wav2vec2 folder.
+WAV2VEC2_FIX = f"re-download {WAV2VEC2_DIR}/ from {HF_URL} (or {WAV2VEC2_UPSTREAM})"
+
+
+class MissingFilesError(InputError, FileNotFoundError):
+    """A model file or folder is not where it was looked for. Also a `FileNotFoundError`, so callers that
+    catch that for missing files (ComfyUI's node validation among them) keep working."""
 
 
 def default_models_dir() -> Path:

@@ -17,6 +17,7 @@ Long clips, with memory bounded for any length:
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -27,10 +28,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import timing
+from ..errors import CheckpointError
+from ..model_files import WAV2VEC2_FIX, MissingFilesError
 
 log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("config.json", "preprocessor_config.json")
+# Fields every wav2vec2 settings file written by transformers lists. Without the architecture fields
+# transformers would build its default architecture and silently re-initialise what does not fit.
+REQUIRED_FIELDS = {
+    "config.json": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "conv_dim",
+                    "conv_kernel", "conv_stride"),
+    "preprocessor_config.json": ("sampling_rate",),
+}
+# transformers' preference when a folder holds both.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Entries of a full wav2vec2 checkpoint that belong to heads around the encoder (the official
+# wav2vec2-base-960h is a `Wav2Vec2ForCTC`: its `lm_head`), or to pre-training only.
+_HEAD_PREFIXES = ("lm_head.", "quantizer.", "project_q.", "project_hid.", "masked_spec_embed")
 
 
 class AudioEncoder(nn.Module):
@@ -51,12 +66,32 @@ class AudioEncoder(nn.Module):
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, fps: int = 25) -> "AudioEncoder":
-        """Load from a local Hugging Face folder only (never downloads)."""
+        """Load from a local Hugging Face folder only (never downloads).
+
+        Every problem with the folder raises one line naming the file and the fix: a missing folder or
+        file `MissingFilesError` (an `InputError`), a damaged one `CheckpointError` (unreadable JSON,
+        missing architecture fields, truncated weights, weights that do not match `config.json`, NaN/inf
+        weights).
+        """
         from transformers import Wav2Vec2Model
 
+        from ..checkpoints import check_finite
+
         folder, extractor = cls._folder_settings(folder)
-        # Eager attention: every backend computes the same thing, and eager works on every device.
-        model = Wav2Vec2Model.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
+        config = cls._config(folder)
+        weights = _weights_file(folder)
+        try:
+            # Eager attention: every backend computes the same thing, and eager works on every device.
+            # Mismatched shapes are collected (not raised by transformers) so that the error below names them.
+            model, info = Wav2Vec2Model.from_pretrained(folder, config=config, local_files_only=True,
+                                                        attn_implementation="eager", output_loading_info=True,
+                                                        ignore_mismatched_sizes=True)
+        except _weights_errors() as err:
+            log.debug("%s: transformers could not read it: %s", weights, err)
+            raise CheckpointError(f"{weights} is truncated or not a wav2vec2 weights file "
+                                  f"({os.path.getsize(weights):,} bytes); {WAV2VEC2_FIX}") from err
+        _check_loading_info(info, weights, os.path.join(folder, "config.json"))
+        check_finite(dict(model.named_parameters()), weights, fix=WAV2VEC2_FIX)
         model.eval()
         return cls(model, do_normalize=extractor.do_normalize, sample_rate=extractor.sampling_rate, fps=fps)
 
@@ -65,27 +100,56 @@ class AudioEncoder(nn.Module):
         """The folder's architecture and audio settings only (`config.json`, `preprocessor_config.json`),
         with freshly initialised weights that the caller overwrites (e.g. with the generator file's
         wav2vec2 copy, `checkpoints.load_audio_encoder(..., weights=...)`). The folder's weights file
-        is neither read nor needed."""
-        from transformers import Wav2Vec2Config, Wav2Vec2Model
+        is neither read nor needed. Folder problems raise as in `from_folder`."""
+        from transformers import Wav2Vec2Model
 
         folder, extractor = cls._folder_settings(folder)
-        config = Wav2Vec2Config.from_pretrained(folder, local_files_only=True)
-        model = Wav2Vec2Model._from_config(config, attn_implementation="eager")
+        config = cls._config(folder)
+        try:
+            model = Wav2Vec2Model._from_config(config, attn_implementation="eager")
+        except (TypeError, ValueError) as err:  # values transformers accepted but no layer can be built from
+            raise CheckpointError(f"{os.path.join(folder, 'config.json')} is not a usable wav2vec2 configuration "
+                                  f"({_one_line(err)}); {WAV2VEC2_FIX}") from err
         model.eval()
         return cls(model, do_normalize=extractor.do_normalize, sample_rate=extractor.sampling_rate, fps=fps)
 
     @staticmethod
-    def _folder_settings(folder: str | os.PathLike):
-        """`(folder, Wav2Vec2FeatureExtractor)` after checking the folder holds the two config files."""
-        from transformers import Wav2Vec2FeatureExtractor
-
+    def check_folder(folder: str | os.PathLike) -> str:
+        """The folder path after checking that it exists and that its two settings files are complete JSON
+        (cheap: no model is built); `MissingFilesError` or `CheckpointError` otherwise."""
         folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+            raise MissingFilesError(f"wav2vec2 folder {folder} {what}; {WAV2VEC2_FIX}")
         missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, f))]
         if missing:
-            raise FileNotFoundError(
-                f"wav2vec2 folder {folder!r} lacks {', '.join(missing)}; it should be a copy of "
-                "wav2vec2-base-960h (config.json, preprocessor_config.json, pytorch_model.bin)")
-        return folder, Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
+            raise MissingFilesError(f"wav2vec2 folder {folder} lacks {', '.join(missing)}; {WAV2VEC2_FIX}")
+        for name, fields in REQUIRED_FIELDS.items():
+            _read_settings(os.path.join(folder, name), fields)
+        return folder
+
+    @classmethod
+    def _folder_settings(cls, folder: str | os.PathLike):
+        """`(folder, Wav2Vec2FeatureExtractor)` after `check_folder`."""
+        from transformers import Wav2Vec2FeatureExtractor
+
+        folder = cls.check_folder(folder)
+        path = os.path.join(folder, "preprocessor_config.json")
+        try:
+            return folder, Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
+        except _settings_errors() as err:
+            raise CheckpointError(f"{path} holds unusable audio settings ({_one_line(err)}); {WAV2VEC2_FIX}") from err
+
+    @staticmethod
+    def _config(folder: str):
+        """The folder's `Wav2Vec2Config` (after `check_folder`)."""
+        from transformers import Wav2Vec2Config
+
+        try:
+            return Wav2Vec2Config.from_pretrained(folder, local_files_only=True)
+        except _settings_errors() as err:
+            raise CheckpointError(f"{os.path.join(folder, 'config.json')} is not a usable wav2vec2 configuration "
+                                  f"({_one_line(err)}); {WAV2VEC2_FIX}") from err
 
     @property
     def samples_per_frame(self) -> int:
@@ -218,3 +282,70 @@ class AudioEncoder(nn.Module):
             if callback is not None:
                 callback(i + 1, n_windows)
         return torch.cat(out, dim=1)
+
+
+def _one_line(err: BaseException) -> str:
+    """`err`'s text on one line, shortened (transformers' messages span lines)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _read_settings(path: str, fields: tuple[str, ...]) -> dict:
+    """The JSON object in `path`; `CheckpointError` if it is not one or lacks any of `fields`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not valid JSON ({_one_line(err)}); {WAV2VEC2_FIX}") from err
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(settings).__name__}, not an object of settings; "
+                              f"{WAV2VEC2_FIX}")
+    missing = [k for k in fields if k not in settings]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)} (an incomplete wav2vec2 configuration); "
+                              f"{WAV2VEC2_FIX}")
+    return settings
+
+
+def _weights_file(folder: str) -> str:
+    """The weights file transformers reads from `folder`; `MissingFilesError` when there is none."""
+    for name in WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise MissingFilesError(f"wav2vec2 folder {folder} has no weights ({' or '.join(WEIGHT_FILES)}); {WAV2VEC2_FIX}")
+
+
+def _settings_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for unusable settings files: OSError (unreadable JSON), ValueError and
+    TypeError (values of the wrong kind), and huggingface_hub's strict-dataclass validation errors."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError, KeyError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: no strict dataclasses, transformers raises the above
+        return errors
+    return errors + (StrictDataclassError,)
+
+
+def _weights_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a truncated or foreign weights file: safetensors' header errors,
+    torch.load's (EOFError, RuntimeError from the zip reader, UnpicklingError) and OSError."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (SafetensorError, OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError)
+
+
+def _check_loading_info(info: dict, weights: str, config: str) -> None:
+    """`CheckpointError` when the weights transformers read do not cover the architecture of `config`:
+    transformers would only warn and leave those parameters randomly initialised."""
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(_HEAD_PREFIXES))
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(_HEAD_PREFIXES))
+    mismatched = sorted(k[0] if isinstance(k, (tuple, list)) else k for k in info.get("mismatched_keys", ()))
+    parts = [f"{len(keys)} {label} (e.g. {', '.join(keys[:2])})"
+             for label, keys in (("missing", missing), ("with another shape", mismatched),
+                                 ("unexpected", unexpected)) if keys]
+    if parts:
+        raise CheckpointError(f"{weights} does not match the architecture in {config}: {'; '.join(parts)}; "
+                              f"{WAV2VEC2_FIX}")
