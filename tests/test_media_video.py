@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+import gc
+import logging
 import os
 import stat
 from fractions import Fraction
@@ -16,7 +18,8 @@ import torch
 
 import imtalker_core.media.video as video_module
 from imtalker_core.errors import InputError
-from imtalker_core.media.video import OutputWriteError, VideoWriter, read_video, video_info, write_video
+from imtalker_core.media.video import (OutputWriteError, VideoWriter, check_output_path, read_video, video_info,
+                                        write_video)
 
 DATA = Path(__file__).parent / "data" / "media"
 DRIVING = DATA / "driving_short.mp4"
@@ -180,13 +183,22 @@ def test_crf_is_passed_to_the_encoder(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["coarse.mp4", "fine.mp4"]  # refused before creating files
 
 
+def _write_until_on_disk(writer: VideoWriter, limit: int = 40) -> None:
+    """Write batches until FFmpeg has created the partial file (libx264 holds the first frames back)."""
+    for seed in range(limit):
+        writer.write(_frames(5, seed=seed))
+        if writer.partial_path.exists():
+            return
+    raise AssertionError(f"{writer.partial_path} was never created")
+
+
 @pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt])
 def test_exception_inside_writer_removes_partial(tmp_path: Path, exc_type: type[BaseException]) -> None:
     out = tmp_path / "broken.mp4"
     with pytest.raises(exc_type):
         with VideoWriter(out, fps=25) as writer:
-            writer.write(_frames(5))
-            assert writer.partial_path.exists() and writer.partial_path.name == "broken.partial.mp4"
+            _write_until_on_disk(writer)
+            assert writer.partial_path.name == "broken.partial.mp4"
             raise exc_type("stop")
     assert sorted(os.listdir(tmp_path)) == []
 
@@ -195,7 +207,7 @@ def test_keep_partial(tmp_path: Path) -> None:
     out = tmp_path / "kept.mp4"
     with pytest.raises(RuntimeError):
         with VideoWriter(out, fps=25, keep_partial=True) as writer:
-            writer.write(_frames(5))
+            _write_until_on_disk(writer)
             raise RuntimeError("stop")
     assert sorted(os.listdir(tmp_path)) == ["kept.partial.mp4"]
 
@@ -237,7 +249,7 @@ def test_unwritable_folder_simulated(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(video_module, "open", refuse, raising=False)
+    monkeypatch.setattr(video_module.tempfile, "TemporaryFile", refuse)
     with pytest.raises(InputError, match=r"output folder '.*' is not writable \(Permission denied\)"):
         VideoWriter(tmp_path / "out.mp4", fps=25)
 
@@ -279,6 +291,7 @@ def test_disk_full(tmp_path: Path, fail_on: str) -> None:
     out = tmp_path / "big.mp4"
     with pytest.raises(OutputWriteError, match=r"Could not write '.*big\.mp4': the disk is full") as caught:
         with VideoWriter(out, fps=25, audio=(np.zeros((1, 16000), np.float32), 16000)) as writer:
+            writer.write(_frames(1))  # the container is opened at the first frame
             writer._container = _FullDisk(writer._container, fail_on)
             for _ in range(4):
                 writer.write(_frames(10))  # libx264 buffers frames, so packets appear after a few
@@ -312,3 +325,224 @@ def test_writer_rejects_bad_audio(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="audio sample rate must be positive, got 0"):
         VideoWriter(tmp_path / "x.mp4", 25, audio=(np.zeros(16000, np.float32), 0))
     assert os.listdir(tmp_path) == []
+
+
+# --- the partial file appears only with the first frame ---------------------------------------
+
+
+def test_no_file_before_the_first_frame(tmp_path: Path) -> None:
+    writer = VideoWriter(tmp_path / "late.mp4", fps=25)
+    assert os.listdir(tmp_path) == []  # constructing (and the writability test) leaves nothing
+    writer.abort()
+    assert os.listdir(tmp_path) == []
+    writer.abort()  # twice is harmless
+
+
+def test_closing_without_frames_leaves_nothing_and_raises(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"no frames were written to '.*nothing\.mp4'; nothing was saved"):
+        with VideoWriter(tmp_path / "nothing.mp4", fps=25) as writer:
+            writer.write(np.zeros((0, 8, 8, 3), np.uint8))  # an empty batch is no frame either
+    with pytest.raises(KeyboardInterrupt):  # an exception already on its way is not replaced
+        with VideoWriter(tmp_path / "nothing.mp4", fps=25):
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+
+
+def test_unfinished_writer_never_deletes_another_writers_file(tmp_path: Path) -> None:
+    # Two jobs with one output name: the one that wrote nothing must not remove the other's partial.
+    with VideoWriter(tmp_path / "same.mp4", fps=25, preset="ultrafast") as busy:
+        _write_until_on_disk(busy)
+        idle = VideoWriter(tmp_path / "same.mp4", fps=25)
+        idle.abort()
+        assert busy.partial_path.exists()
+    assert sorted(os.listdir(tmp_path)) == ["same.mp4"]
+
+
+def test_writer_dropped_without_close_removes_its_partial(tmp_path: Path) -> None:
+    writer = VideoWriter(tmp_path / "dropped.mp4", fps=25, preset="ultrafast")
+    _write_until_on_disk(writer)
+    del writer
+    gc.collect()
+    assert os.listdir(tmp_path) == []
+
+
+# --- the container follows the output name -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "brand"), [("clip.mp4", b"isom"), ("clip.M4V", b"M4V "), ("clip.mov", b"qt  ")])
+def test_output_container_follows_the_extension(tmp_path: Path, name: str, brand: bytes) -> None:
+    out = write_video(tmp_path / name, _frames(3), fps=25, audio=(np.zeros(8000, np.float32), 16000))
+    assert out.read_bytes()[8:12] == brand  # the ftyp major brand of the muxer used
+    probe = _probe(out)
+    assert probe["codec"] == "h264" and probe["audio"]["codec"] == "aac" and len(probe["frames"]) == 3
+    assert os.listdir(tmp_path) == [name]
+
+
+@pytest.mark.parametrize("name", ["result.avi", "result.png", "result", "result.mkv"])
+def test_writer_refuses_other_extensions(tmp_path: Path, name: str) -> None:
+    with pytest.raises(InputError, match=r"needs one of \.mp4, \.m4v, \.mov: name the output \.mp4"):
+        VideoWriter(tmp_path / name, fps=25)
+    with pytest.raises(InputError, match="is a folder; name the video file"):
+        VideoWriter(tmp_path, fps=25)
+    assert os.listdir(tmp_path) == []
+
+
+# --- check_output_path --------------------------------------------------------------------------
+
+
+def test_check_output_path_accepts_good_names(tmp_path: Path) -> None:
+    assert check_output_path(tmp_path / "out.mp4") == tmp_path / "out.mp4"
+    assert check_output_path(str(tmp_path / "out.MOV"), [None, DRIVING]) == tmp_path / "out.MOV"
+    (tmp_path / "old.m4v").write_bytes(b"previous result")
+    assert check_output_path(tmp_path / "old.m4v") == tmp_path / "old.m4v"  # replaced later, on success
+    assert os.listdir(tmp_path) == ["old.m4v"]
+
+
+@pytest.mark.parametrize(("name", "found"), [("talk.avi", "extension '.avi'"), ("talk.png", "extension '.png'"),
+                                             ("talk", "no extension")])
+def test_check_output_path_extension(tmp_path: Path, name: str, found: str) -> None:
+    with pytest.raises(InputError, match=rf"'{name}' has {found}; .*\.mp4, \.m4v, \.mov: name the output \.mp4"):
+        check_output_path(tmp_path / name)
+
+
+def test_check_output_path_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(InputError, match=r"The output '.*' is a folder; name the video file, e.g. '.*result\.mp4'"):
+        check_output_path(tmp_path)
+    with pytest.raises(InputError, match=r"output folder '.*missing' does not exist; create it first"):
+        check_output_path(tmp_path / "missing" / "out.mp4")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"output folder '.*file' is a file, not a folder"):
+        check_output_path(tmp_path / "file" / "out.mp4")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(video_module.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(InputError, match=r"output folder '.*' is not writable \(Permission denied\); choose another"):
+        check_output_path(tmp_path / "out.mp4")
+
+
+def test_check_output_path_refuses_an_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drive = tmp_path / "drive.mp4"
+    drive.write_bytes(DRIVING.read_bytes())
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"png")
+    (tmp_path / "a").mkdir()
+    os.link(drive, tmp_path / "hard.mp4")
+    os.symlink(drive, tmp_path / "soft.mp4")
+    refused = r"would overwrite the input '{}'; choose another output name"
+    cases = [
+        (drive, [photo, drive], "drive.mp4"),                   # the very same name
+        (tmp_path / "a" / ".." / "drive.mp4", [drive], "drive.mp4"),
+        (tmp_path / "hard.mp4", [drive], "drive.mp4"),          # a hard link: same inode
+        (tmp_path / "soft.mp4", [drive], "drive.mp4"),          # a symlink to the input
+        (drive, [tmp_path / "soft.mp4"], "soft.mp4"),           # the input given through a symlink
+        (photo, [photo], "photo.png"),                          # said before the extension complaint
+    ]
+    for output, inputs, name in cases:
+        with pytest.raises(InputError, match=refused.format(name.replace(".", r"\."))):
+            check_output_path(output, inputs)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=refused.format(r"drive\.mp4")):
+        check_output_path("./a/../drive.mp4", [drive])  # relative against absolute
+    assert check_output_path(tmp_path / "result.mp4", [drive, photo, None]) == tmp_path / "result.mp4"
+
+
+# --- variable frame rate ------------------------------------------------------------------------
+
+#: Frame times (ms) of the variable-rate clip: 25 fps runs with gaps of 120 and 280 ms.
+VFR_TIMES_MS = [0, 40, 80, 200, 240, 280, 320, 600, 640, 680, 720, 760, 800, 840, 880, 920]
+#: Grey level of frame k, far enough apart to identify each frame after H.264 (up to 32 frames).
+_GREY_STEP = 8
+
+
+def _encode_vfr(path: Path, times_ms: list[int], audio_seconds: float = 1.0) -> Path:
+    """Like a phone clip: solid grey frame k (level k x 8) at ``times_ms[k]`` plus silence."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        sound = container.add_stream("aac", rate=16000)
+        sound.layout = "mono"
+        for k, ms in enumerate(times_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), k * _GREY_STEP, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = ms, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+        samples = av.AudioFrame.from_ndarray(np.zeros((1, int(16000 * audio_seconds)), np.float32),
+                                             format="fltp", layout="mono")
+        samples.sample_rate, samples.pts, samples.time_base = 16000, 0, Fraction(1, 16000)
+        for packet in [*sound.encode(samples), *sound.encode(None)]:
+            container.mux(packet)
+    return path
+
+
+def _frame_ids(frames: list[np.ndarray]) -> list[int]:
+    return [round(float(frame.mean()) / _GREY_STEP) for frame in frames]
+
+
+def test_variable_frame_rate_is_resampled_by_timestamp(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _encode_vfr(tmp_path / "phone.mp4", VFR_TIMES_MS)
+    with av.open(str(path)) as container:  # the file really is variable-rate, as PyAV wrote it
+        stream = container.streams.video[0]
+        stamps = sorted(p.pts * stream.time_base * 1000 for p in container.demux(stream) if p.size)
+        assert stamps == VFR_TIMES_MS and stream.guessed_rate == 25 and stream.average_rate < 17
+        assert float(stream.duration * stream.time_base) == pytest.approx(0.96)  # 0.96 s of frames,
+        duration = container.duration / av.time_base  # 1.0 s of sound: the output keeps all of it
+    assert duration == pytest.approx(1.0)
+
+    info = video_info(path)
+    assert info.variable_frame_rate and info.fps == 25
+    assert info.frame_count_estimate == round(duration * 25) == 25
+
+    with caplog.at_level(logging.WARNING, logger="imtalker_core.media.video"):
+        frames = list(read_video(path))
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and "'phone.mp4' has a variable frame rate" in warning[0]
+    assert "resampled to a constant 25 fps" in warning[0] and "25 frames over 1.000 s" in warning[0]
+    assert len(frames) == 25 and all(f.shape == (32, 32, 3) and f.dtype == np.uint8 for f in frames)
+    # Output frame i (at i x 40 ms) is the last source frame stamped at or before that instant.
+    expected = [max(k for k, ms in enumerate(VFR_TIMES_MS) if ms <= 40 * i) for i in range(25)]
+    assert expected[2:8] == [2, 2, 2, 3, 4, 5]  # the 120 ms gap repeats frame 2
+    assert expected[-2:] == [15, 15]  # the last frame stays on screen while the sound goes on
+    assert _frame_ids(frames) == expected
+    assert frames[3] is not frames[4]  # repeats are separate arrays
+    frames[3][:] = 0
+    assert frames[4].mean() > 0
+    assert _frame_ids(list(read_video(path, max_frames=5))) == expected[:5]
+
+
+def test_vfr_frames_closer_than_the_rate_are_skipped(tmp_path: Path) -> None:
+    # A 50 fps burst in a 25 fps clip: at 25 fps only the frame on screen at each 40 ms tick shows.
+    times = [0, 40, 80, 100, 120, 140, 160, 200, 240, 280, 320, 360, 400, 440, 480]
+    path = _encode_vfr(tmp_path / "burst.mp4", times, audio_seconds=0.52)
+    info = video_info(path)
+    assert info.variable_frame_rate and info.fps == 25
+    ids = _frame_ids(list(read_video(path)))
+    assert ids == [max(k for k, ms in enumerate(times) if ms <= 40 * i) for i in range(info.frame_count_estimate)]
+    assert 3 not in ids and 5 not in ids  # the 100 and 140 ms frames are never on screen at a tick
+
+
+def test_constant_rate_with_millisecond_jitter_is_not_resampled(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    # 29.97 fps stored with millisecond timestamps: intervals of 33 and 34 ms, still constant-rate.
+    times = [round(i * 1001 / 30) for i in range(30)]
+    path = _encode_vfr(tmp_path / "ntsc.mp4", times)
+    with caplog.at_level(logging.WARNING, logger="imtalker_core.media.video"):
+        frames = list(read_video(path))
+    assert not video_info(path).variable_frame_rate and not caplog.records
+    assert _frame_ids(frames) == list(range(30))  # every frame once, as stored
+
+
+def test_constant_rate_decodes_exactly_as_stored(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="imtalker_core.media.video"):
+        count = 0
+        with av.open(str(DRIVING)) as container:
+            for ours, raw in zip(read_video(DRIVING), container.decode(video=0), strict=True):
+                assert np.array_equal(ours, raw.to_ndarray(format="rgb24"))
+                count += 1
+    assert count == 100 and not caplog.records
+    assert not video_info(DRIVING).variable_frame_rate

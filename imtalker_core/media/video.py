@@ -1,16 +1,23 @@
 """Reading driving videos and writing results as H.264 MP4 files, both with PyAV (FFmpeg).
 
-`read_video` streams RGB frames one at a time, so long videos never sit in memory whole.
-`VideoWriter` encodes frames as they arrive (H.264 via libx264, yuv420p, which every player
-accepts) and can mux an AAC sound track into the same file. It writes to
-``<name>.partial<ext>`` next to the target and renames it into place only after a successful
-close, so a crash, an exception, or Ctrl+C never leaves a half-written file under the real name.
+`read_video` streams RGB frames one at a time, so long videos never sit in memory whole;
+variable-frame-rate clips (phones, screen recordings) are resampled to a constant rate by
+timestamp so their timing survives. `VideoWriter` encodes frames as they arrive (H.264 via
+libx264, yuv420p, which every player accepts) and can mux an AAC sound track into the same
+file. It writes to ``<name>.partial<ext>`` next to the target, created only when the first
+frame arrives, and renames it into place only after a successful close; an exception or
+Ctrl+C (and SIGTERM/SIGHUP under the command line, which turns them into KeyboardInterrupt)
+deletes it, so no half-written file is ever left under either name.
+`check_output_path` runs every check on an output name up front, before any model loads.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import tempfile
+import weakref
+from array import array
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -31,6 +38,14 @@ logger = logging.getLogger(__name__)
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 #: Sample rates the AAC encoder accepts; other rates are converted to 48 kHz by FFmpeg.
 _AAC_RATES = frozenset({8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000})
+#: Output extensions (lower case) -> the FFmpeg muxer `VideoWriter` uses; all hold H.264 + AAC.
+OUTPUT_FORMATS = {".mp4": "mp4", ".m4v": "ipod", ".mov": "mov"}
+#: A clip is variable-rate when some frame is this many frame intervals off an even spacing.
+_VFR_TOLERANCE = 0.5
+#: Highest rate a variable-rate clip is resampled to.
+_MAX_RESAMPLE_FPS = 120
+#: A header rate this close (relative) to a variable-rate clip's typical rate is used instead.
+_RATE_SNAP = Fraction(5, 100)
 
 
 class OutputWriteError(IMTalkerError, OSError):
@@ -48,12 +63,85 @@ class OutputWriteError(IMTalkerError, OSError):
         return str(self.strerror)
 
 
+def check_output_path(path: str | os.PathLike,
+                      inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Check an output video name before any work starts; returns ``Path(path)`` unchanged.
+
+    Every problem raises `InputError` naming the bad value and the fix:
+
+    * it is one of ``inputs`` (``None`` entries are skipped): compared by resolved path, so
+      ``a/../photo.png`` and symlinks are caught, and, when both exist, by device and inode
+      (`os.path.samefile`), so hard links are caught too;
+    * ``path`` is an existing folder;
+    * its extension is not one the writer produces: ``.mp4``, ``.m4v`` or ``.mov`` (any case;
+      all hold H.264 + AAC), e.g. ``.avi``, ``.png`` or none;
+    * its folder does not exist, is not a folder, or is not writable (tested by creating a
+      nameless temporary file there, which leaves nothing behind, because ``os.access`` is
+      wrong for root and on some network shares).
+
+    Nothing is left behind. An existing file under the output name is fine: `VideoWriter` replaces
+    it only once the new video is complete.
+    """
+    output = Path(path)
+    for item in inputs:  # first: "-o photo.png" is foremost about the photo, not the extension
+        if item is not None and _same_file(output, Path(item)):
+            raise InputError(f"The output '{output}' would overwrite the input '{Path(item).name}'; "
+                             "choose another output name.")
+    _check_output_name(output)
+    folder = output.parent
+    if not folder.exists():
+        raise InputError(f"The output folder '{folder}' does not exist; create it first or choose another folder.")
+    if not folder.is_dir():
+        raise InputError(f"The output folder '{folder}' is a file, not a folder; choose another output path.")
+    _check_writable(folder)
+    return output
+
+
+def _check_output_name(path: Path) -> str:
+    """`InputError` unless ``path`` names a file with a writable extension; returns the muxer name."""
+    if path.is_dir():
+        raise InputError(f"The output '{path}' is a folder; name the video file, e.g. '{path / 'result.mp4'}'.")
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        accepted = ", ".join(OUTPUT_FORMATS)
+        found = f"extension '{path.suffix}'" if path.suffix else "no extension"
+        raise InputError(f"The output '{path.name}' has {found}; the video is H.264 + AAC, which needs one of "
+                         f"{accepted}: name the output .mp4.")
+    return OUTPUT_FORMATS[suffix]
+
+
+def _check_writable(folder: Path) -> None:
+    """`InputError` unless a file can be created in ``folder`` (an anonymous temporary file is tried)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise InputError(f"The output folder '{folder}' is not writable ({exc.strerror or exc}); "
+                         "choose another folder or fix its permissions.") from exc
+
+
+def _same_file(output: Path, other: Path) -> bool:
+    """True when ``output`` and ``other`` name one file: same resolved path, or same inode and device."""
+    try:
+        if output.resolve() == other.resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop: fall through to the inode check
+        pass
+    try:
+        return output.exists() and other.exists() and os.path.samefile(output, other)
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     """What `video_info` reports about a video file.
 
-    ``frame_count_estimate`` comes from the container header (or duration x fps when the
-    header has no count) and can be off by a few frames; decode to know the exact number.
+    ``fps`` and ``frame_count_estimate`` describe the frames `read_video` yields. For a
+    constant-rate file they come from the container header (the count, or duration x fps when
+    the header has none, can be off by a few frames; decode to know the exact number). For a
+    variable-rate file (``variable_frame_rate``) ``fps`` is the constant rate `read_video`
+    resamples to and the count is the exact number of resampled frames.
     ``width``/``height`` are the size of the frames `read_video` yields, i.e. after applying
     the rotation metadata; ``rotation`` is that metadata (degrees counter-clockwise, a multiple
     of 90, 0 for most files).
@@ -65,6 +153,23 @@ class VideoInfo:
     height: int
     has_audio: bool
     rotation: int = 0
+    variable_frame_rate: bool = False
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """Frame timing of a variable-rate video stream, from its packets' timestamps.
+
+    ``rate`` (frames/s) and ``start`` (s, the first frame's timestamp) place output frame ``i``
+    at ``start + i / rate``; ``count`` output frames run to the end of playback.
+    ``shortest``/``longest`` are the extreme source frame intervals (s), for the log.
+    """
+
+    rate: Fraction
+    start: Fraction
+    count: int
+    shortest: float
+    longest: float
 
 
 def _open_input(path: str | os.PathLike) -> tuple[av.container.InputContainer, Path]:
@@ -80,13 +185,100 @@ def _open_input(path: str | os.PathLike) -> tuple[av.container.InputContainer, P
     return container, path
 
 
-def video_info(path: str | os.PathLike) -> VideoInfo:
-    """Frame rate, approximate frame count, frame size and whether there is a sound track."""
-    container, _ = _open_input(path)
+def _header_rate(stream: av.video.stream.VideoStream) -> Fraction:
+    """The stream's nominal rate: average, else guessed, else base rate, else 25 fps."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return Fraction(rate) if rate else Fraction(25)
+
+
+def _variable_timing(path: Path) -> _Timing | None:
+    """Scan the video packets' timestamps (no decoding); `_Timing` if the rate varies, else None.
+
+    A stream counts as variable-rate when some frame's timestamp is more than half a frame
+    interval away from an even spacing between the first and last timestamps, i.e. when
+    showing the frames one per period would put some frame on screen at the wrong instant.
+    Timestamp jitter from coarse time bases (29.97 fps in milliseconds) stays far below that.
+    Only timestamps are kept (8 bytes per frame). Unknown timestamps or an unreadable stream
+    give None, so the file is decoded as a constant-rate one (and damage is reported there).
+    """
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as exc:
+        logger.debug("cannot scan the timestamps of %s: %s", path, exc)
+        return None
     with container:
         stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        fps = float(rate) if rate else 25.0
+        stamps = array("q")
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0 or packet.is_discard:  # the end-of-stream marker / edit-list leftovers
+                    continue
+                stamp = packet.pts if packet.pts is not None else packet.dts
+                if stamp is None:
+                    logger.debug("%s has frames without timestamps; assuming a constant frame rate", path.name)
+                    return None
+                stamps.append(stamp)
+        except av.FFmpegError as exc:
+            logger.debug("stopped scanning the timestamps of %s: %s", path, exc)
+            return None
+        if len(stamps) < 3 or stream.time_base is None:
+            return None
+        ticks = np.sort(np.frombuffer(stamps, dtype=np.int64))
+        time_base = Fraction(stream.time_base)
+        span = int(ticks[-1] - ticks[0])
+        if span <= 0:
+            return None
+        mean_interval = span / (len(ticks) - 1)
+        even = ticks[0] + np.arange(len(ticks)) * mean_interval
+        if np.abs(ticks - even).max() <= _VFR_TOLERANCE * mean_interval:
+            return None
+        intervals = np.diff(ticks)
+        rate = _resample_rate(stream, Fraction(int(np.median(intervals[intervals > 0]))) * time_base)
+        start = int(ticks[0]) * time_base
+        # The end of playback: the later of the video stream's and the container's (the longest
+        # stream, usually the sound) end, so no sound is cut off; a player shows the last frame
+        # until then too. Without either, the last frame lasts one median interval.
+        last = int(ticks[-1]) * time_base
+        end = last + int(np.median(intervals)) * time_base
+        known_ends = []
+        if stream.duration:
+            stream_start = stream.start_time if stream.start_time is not None else int(ticks[0])
+            known_ends.append((stream_start + stream.duration) * time_base)
+        if container.duration:
+            known_ends.append(Fraction((container.start_time or 0) + container.duration, av.time_base))
+        if known_ends and max(known_ends) > last:
+            end = max(known_ends)
+        count = max(1, round((end - start) * rate))
+        return _Timing(rate=rate, start=start, count=count, shortest=float(intervals.min() * time_base),
+                       longest=float(intervals.max() * time_base))
+
+
+def _resample_rate(stream: av.video.stream.VideoStream, typical_interval: Fraction) -> Fraction:
+    """The constant rate for a variable-rate stream: the rate most of its frames were taken at.
+
+    That is one over the median frame interval (30 for a 30 fps phone clip that dropped frames,
+    25 for a 25 fps clip with a 50 fps burst), replaced by FFmpeg's guessed or average rate
+    when one is within `_RATE_SNAP` of it, so 29.97 stays exactly 30000/1001 even with
+    millisecond timestamps; at most `_MAX_RESAMPLE_FPS`.
+    """
+    typical = 1 / typical_interval
+    for candidate in (stream.guessed_rate, stream.average_rate):
+        if candidate and abs(Fraction(candidate) / typical - 1) <= _RATE_SNAP:
+            typical = Fraction(candidate)
+            break
+    return min(typical, Fraction(_MAX_RESAMPLE_FPS)).limit_denominator(1_000_000)
+
+
+def video_info(path: str | os.PathLike) -> VideoInfo:
+    """Frame rate, frame count, frame size and whether there is a sound track.
+
+    A variable-rate file is reported as `read_video` yields it: the constant rate it is
+    resampled to and the resampled frame count (``variable_frame_rate=True``).
+    """
+    container, resolved = _open_input(path)
+    with container:
+        stream = container.streams.video[0]
+        fps = float(_header_rate(stream))
         count = stream.frames
         if not count:
             if stream.duration is not None and stream.time_base is not None:
@@ -107,8 +299,19 @@ def video_info(path: str | os.PathLike) -> VideoInfo:
             turns = _quarter_turns(first)
             if turns % 2:
                 width, height = height, width
-        return VideoInfo(fps=fps, frame_count_estimate=int(count), width=width, height=height,
-                         has_audio=bool(container.streams.audio), rotation=90 * turns)
+        has_audio = bool(container.streams.audio)
+    timing = _variable_timing(resolved)
+    if timing is not None:
+        logger.debug("%s: variable frame rate, read as %d frames at %s fps", resolved.name, timing.count,
+                     _rate_text(timing.rate))
+        fps, count = float(timing.rate), timing.count
+    return VideoInfo(fps=fps, frame_count_estimate=int(count), width=width, height=height,
+                     has_audio=has_audio, rotation=90 * turns, variable_frame_rate=timing is not None)
+
+
+def _rate_text(rate: Fraction) -> str:
+    """``25`` -> '25', ``30000/1001`` -> '29.97'."""
+    return f"{float(rate):.3f}".rstrip("0").rstrip(".")
 
 
 def _quarter_turns(frame: av.VideoFrame) -> int:
@@ -123,15 +326,66 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> Iterat
     ``next``); decoding happens lazily. Rotation metadata (phone videos) is applied in multiples
     of 90 degrees so frames come out upright (needs PyAV >= 14.2, which exposes it; older
     versions yield frames as stored). Decoding errors mid-file raise `InputError`.
+
+    Constant-rate files yield their frames as stored. A variable-frame-rate file (frames spaced
+    unevenly, see `video_info`) is resampled to a constant rate by timestamp, with a WARNING:
+    output frame ``i`` is shown at ``t_i = start + i / fps`` and is the frame on screen at that
+    instant, i.e. the last decoded frame whose timestamp is <= ``t_i`` (the first frame for
+    instants before it). So frames in a gap repeat, and frames closer together than ``1 / fps``
+    are skipped. ``fps`` is the rate most frames were taken at (one over the median frame
+    interval, or the stream's guessed or average rate when one is within 5% of that, see
+    `_resample_rate`); ``start`` is the first frame's timestamp, and the output runs to the end
+    of the file's playback (the later of the video stream's and the container's end, so a sound
+    track that outlasts the last frame is kept whole while that frame stays on screen, as in a
+    player): ``round(duration x fps)`` frames. Decoding still streams: one frame is held at a time.
     """
     if max_frames is not None and max_frames < 0:
         raise InputError(f"max_frames cannot be negative, got {max_frames}")
     container, resolved = _open_input(path)
-    return _frames(container, resolved, max_frames)
+    try:
+        timing = _variable_timing(resolved)
+    except BaseException:
+        container.close()
+        raise
+    if timing is not None:
+        logger.warning("'%s' has a variable frame rate (frames %.0f to %.0f ms apart); resampled to a constant "
+                       "%s fps by timestamp: %d frames over %.3f s, each the frame on screen at its instant",
+                       resolved.name, 1000 * timing.shortest, 1000 * timing.longest, _rate_text(timing.rate),
+                       timing.count, timing.count / timing.rate)
+    return _frames(container, resolved, max_frames, timing)
 
 
-def _frames(container: av.container.InputContainer, path: Path, max_frames: int | None) -> Iterator[np.ndarray]:
-    """The generator behind `read_video`; closes the container however iteration ends."""
+def _on_screen(decoded: Iterator[av.VideoFrame], time_base: Fraction, timing: _Timing) -> Iterator[av.VideoFrame]:
+    """For each instant ``start + i / rate`` (``i < count``) yield the last frame stamped at or before it.
+
+    The same frame object is yielded again while it stays on screen; instants before the first
+    frame get the first frame. A frame without a timestamp is placed one period after the previous.
+    """
+    period = 1 / timing.rate
+    index = 0
+    shown: av.VideoFrame | None = None
+    shown_at = timing.start
+    for frame in decoded:
+        at = frame.pts * time_base if frame.pts is not None else shown_at + period
+        if shown is not None:
+            while index < timing.count and timing.start + index * period < at:
+                yield shown
+                index += 1
+            if index >= timing.count:
+                return
+        shown, shown_at = frame, at
+    while shown is not None and index < timing.count:
+        yield shown
+        index += 1
+
+
+def _frames(container: av.container.InputContainer, path: Path, max_frames: int | None,
+            timing: _Timing | None = None) -> Iterator[np.ndarray]:
+    """The generator behind `read_video`; closes the container however iteration ends.
+
+    With ``timing`` (a variable-rate file) frames are resampled by `_on_screen`; a repeated
+    frame is converted once and yielded as a fresh copy each time.
+    """
     try:
         if max_frames == 0:
             return
@@ -139,14 +393,24 @@ def _frames(container: av.container.InputContainer, path: Path, max_frames: int 
         stream.thread_type = "AUTO"
         produced = 0
         try:
-            for frame in container.decode(stream):
-                rgb = frame.to_ndarray(format="rgb24")
-                turns = _quarter_turns(frame)
-                if turns:
-                    # FFmpeg's rotation is counter-clockwise, like np.rot90; phone portrait
-                    # videos typically report -90 (stored landscape, shown turned clockwise).
-                    rgb = np.ascontiguousarray(np.rot90(rgb, turns))
-                yield rgb
+            frames: Iterator[av.VideoFrame] = container.decode(stream)
+            if timing is not None:
+                frames = _on_screen(frames, Fraction(stream.time_base), timing)
+            last: av.VideoFrame | None = None
+            last_rgb: np.ndarray | None = None
+            for frame in frames:
+                if frame is last and last_rgb is not None:
+                    yield last_rgb.copy()
+                else:
+                    rgb = frame.to_ndarray(format="rgb24")
+                    turns = _quarter_turns(frame)
+                    if turns:
+                        # FFmpeg's rotation is counter-clockwise, like np.rot90; phone portrait
+                        # videos typically report -90 (stored landscape, shown turned clockwise).
+                        rgb = np.ascontiguousarray(np.rot90(rgb, turns))
+                    if timing is not None:
+                        last, last_rgb = frame, rgb.copy()
+                    yield rgb
                 produced += 1
                 if max_frames is not None and produced >= max_frames:
                     return
@@ -177,7 +441,7 @@ def _is_disk_full(exc: BaseException) -> bool:
 
 
 class VideoWriter:
-    """Stream frames into an H.264 (yuv420p) MP4, optionally with an AAC sound track.
+    """Stream frames into an H.264 (yuv420p) video, optionally with an AAC sound track.
 
     Use as a context manager::
 
@@ -185,9 +449,10 @@ class VideoWriter:
             for batch in batches:          # [B, H, W, 3] uint8 or float in [0, 1]
                 writer.write(batch)
 
-    The first written frame fixes the size. yuv420p needs even width and height, so an odd
-    size is padded by one pixel on the right/bottom edge by repeating the last column/row
-    (no content is lost; the output is one pixel larger).
+    ``path`` must end in ``.mp4``, ``.m4v`` or ``.mov`` (the container follows the name; see
+    `check_output_path`), else `InputError`. The first written frame fixes the size. yuv420p
+    needs even width and height, so an odd size is padded by one pixel on the right/bottom edge
+    by repeating the last column/row (no content is lost; the output is one pixel larger).
 
     ``audio`` is ``(waveform float32 [C, S] or [S], sample_rate)``. It is kept by reference
     (never copied whole) and encoded in slices alongside the video; samples beyond the end of
@@ -195,11 +460,17 @@ class VideoWriter:
     and stereo are kept, more channels are averaged to mono, and rates AAC does not support are
     converted to 48 kHz.
 
-    The file is written as ``<stem>.partial<suffix>`` and renamed to ``path`` on a successful
-    `close`. If the ``with`` block raises (including KeyboardInterrupt), the partial file is
-    deleted, or kept under its ``.partial`` name when ``keep_partial=True``, and the exception
-    propagates. An unwritable output folder raises `InputError` at construction; a full disk
-    raises `OutputWriteError` (an ``OSError`` with errno ENOSPC) naming the file.
+    The file is written as ``<stem>.partial<suffix>``, created only when the first frame is
+    written, and renamed to ``path`` on a successful `close`. On every other way out the
+    partial file is deleted (or kept under its ``.partial`` name when ``keep_partial=True``):
+    an exception or KeyboardInterrupt in the ``with`` block (which then propagates), `abort`,
+    or a writer that is dropped or left open when the interpreter exits. SIGTERM/SIGHUP kill
+    the process without any cleanup unless a handler turns them into an exception, as
+    ``python -m imtalker_core`` does. A writer that received no frame leaves no file at all,
+    and closing it without an exception raises `InputError` (an empty video is not a result).
+    The output folder is created if missing; an unwritable one raises `InputError` at
+    construction; a full disk raises `OutputWriteError` (an ``OSError`` with errno ENOSPC)
+    naming the file.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float | int | Fraction,
@@ -212,38 +483,32 @@ class VideoWriter:
             raise InputError(f"crf must be between 0 (lossless) and 51 (worst), got {crf}")
         if preset not in PRESETS:
             raise InputError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+        self._format = _check_output_name(self.path)
         self.rate = Fraction(fps).limit_denominator(1_000_000)
         self.crf = int(crf)
         self.preset = preset
         self.keep_partial = keep_partial
-        self.partial_path = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix or '.mp4'}")
+        self.partial_path = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix}")
         self.frames_written = 0
         self._audio, self._audio_rate = self._prepare_audio(audio)
         self._audio_pos = 0
+        self._container: av.container.OutputContainer | None = None
         self._video_stream: av.video.stream.VideoStream | None = None
         self._audio_stream: av.audio.stream.AudioStream | None = None
         self._size: tuple[int, int] | None = None
         self._closed = False
+        self._created = False  # True while the partial file may exist on disk
+        self._finalizer: weakref.finalize | None = None
 
         folder = self.path.parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"Cannot create the output folder '{folder}': {exc}. Choose another folder.") from exc
-        # Creating the partial file now is the real writability test (os.access lies for root
-        # and on some network shares), and FFmpeg would only open it at the first frame.
-        try:
-            with open(self.partial_path, "wb"):
-                pass
-        except OSError as exc:
-            raise InputError(f"The output folder '{folder}' is not writable ({exc.strerror}); "
-                             "choose another folder or fix its permissions.") from exc
-        try:
-            self._container = av.open(str(self.partial_path), mode="w", format="mp4")
-        except (av.FFmpegError, OSError) as exc:
-            self._remove_partial()
-            raise InputError(f"Cannot write a video to '{self.partial_path}': {exc}") from exc
-        logger.debug("writing %s via %s", self.path, self.partial_path.name)
+        # Fail now rather than after minutes of rendering; the partial file itself only appears
+        # with the first frame, so an early stop leaves nothing behind.
+        _check_writable(folder)
+        logger.debug("writing %s via %s (created at the first frame)", self.path, self.partial_path.name)
 
     @staticmethod
     def _prepare_audio(audio: tuple[np.ndarray | torch.Tensor, int] | None) -> tuple[np.ndarray | None, int]:
@@ -276,9 +541,21 @@ class VideoWriter:
             self.abort()
         return False
 
-    def _setup_streams(self, height: int, width: int) -> None:
-        """Create the streams once the frame size is known (FFmpeg needs it before the header)."""
-        stream = self._container.add_stream("libx264", rate=self.rate)
+    def _open(self, height: int, width: int) -> None:
+        """Create the partial file and the streams at the first frame (FFmpeg needs the size first)."""
+        if not self.keep_partial:
+            # Dropped without close/abort (no `with`, or the interpreter exits): delete the partial.
+            self._finalizer = weakref.finalize(self, _discard_partial, self.partial_path)
+        self._created = True
+        try:
+            container = av.open(str(self.partial_path), mode="w", format=self._format)
+        except av.FFmpegError as exc:
+            if isinstance(exc, OSError):
+                raise
+            self.abort()
+            raise InputError(f"Cannot write a video to '{self.partial_path}': {exc}") from exc
+        self._container = container
+        stream = container.add_stream("libx264", rate=self.rate)
         stream.width, stream.height = width + width % 2, height + height % 2
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(self.crf), "preset": self.preset}
@@ -288,26 +565,31 @@ class VideoWriter:
                         stream.width, stream.height)
         if self._audio is not None:
             rate = self._audio_rate if self._audio_rate in _AAC_RATES else 48000
-            audio_stream = self._container.add_stream("aac", rate=rate)
+            audio_stream = container.add_stream("aac", rate=rate)
             audio_stream.layout = "mono" if self._audio.shape[0] == 1 else "stereo"
             self._audio_stream = audio_stream
         self._size = (height, width)
 
     def write(self, frames: np.ndarray | torch.Tensor) -> None:
-        """Encode ``[B, H, W, 3]`` (or one ``[H, W, 3]``) frames, uint8 or float in ``[0, 1]``."""
+        """Encode ``[B, H, W, 3]`` (or one ``[H, W, 3]``) frames, uint8 or float in ``[0, 1]``.
+
+        The first call with at least one frame creates the partial file.
+        """
         if self._closed:
             raise IMTalkerError(f"the writer for '{self.path}' is already closed")
         batch = _frames_to_uint8(frames)
+        if not len(batch):
+            return
         height, width = batch.shape[1:3]
-        if self._size is None:
-            self._setup_streams(height, width)
-        elif (height, width) != self._size:
+        if self._size is not None and (height, width) != self._size:
             raise InputError(f"all frames must have one size: got {width}x{height}, "
                              f"but the video is {self._size[1]}x{self._size[0]}")
-        assert self._video_stream is not None
         if height % 2 or width % 2:
             batch = np.pad(batch, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
         try:
+            if self._size is None:
+                self._open(height, width)
+            assert self._video_stream is not None
             for image in batch:
                 frame = av.VideoFrame.from_ndarray(image, format="rgb24")
                 frame.pts = self.frames_written
@@ -336,20 +618,22 @@ class VideoWriter:
             self._audio_pos = stop
 
     def _mux(self, packets: list[av.Packet]) -> None:
+        assert self._container is not None
         for packet in packets:
             self._container.mux(packet)
 
     def close(self) -> None:
         """Flush the encoders, finish the file and move it to its final name.
 
-        Closing a writer that received no frames raises `InputError` (an MP4 needs at least
-        one frame) and removes the partial file.
+        Closing a writer that received no frames raises `InputError` (a video needs at least
+        one frame, and an empty one must not pass for a result); no file is left behind.
         """
         if self._closed:
             return
-        if self._video_stream is None:
+        if self._container is None or self._video_stream is None or self.frames_written == 0:
             self.abort()
-            raise InputError(f"no frames were written to '{self.path}'; nothing to save.")
+            raise InputError(f"no frames were written to '{self.path}'; nothing was saved "
+                             "(a video needs at least one frame).")
         try:
             self._write_audio_until(self.frames_written / self.rate)
             self._mux(self._video_stream.encode(None))
@@ -358,6 +642,9 @@ class VideoWriter:
             self._container.close()
             self._closed = True
             os.replace(self.partial_path, self.path)
+            self._created = False
+            if self._finalizer is not None:
+                self._finalizer.detach()
         except OSError as exc:
             self._raise_write_error(exc)
         except BaseException:
@@ -367,18 +654,30 @@ class VideoWriter:
                     " with audio" if self._audio is not None else "")
 
     def abort(self) -> None:
-        """Stop writing and delete the partial file (or keep it when ``keep_partial``)."""
-        if not self._closed:
-            self._closed = True
-            try:
-                self._container.close()
-            except (av.FFmpegError, OSError) as exc:
-                # Closing flushes buffered data; on a full disk that fails again, which is moot.
-                logger.debug("ignoring error while closing the aborted %s: %s", self.partial_path, exc)
-        if self.keep_partial and self.partial_path.exists():
-            logger.warning("kept the incomplete video as %s", self.partial_path)
-        else:
-            self._remove_partial()
+        """Stop writing and delete the partial file (or keep it when ``keep_partial``).
+
+        Safe to call at any time and more than once; a writer that never received a frame has
+        no file to delete (and never deletes another writer's file of the same name).
+        """
+        try:
+            if not self._closed:
+                self._closed = True
+                if self._container is not None:
+                    try:
+                        self._container.close()
+                    except (av.FFmpegError, OSError) as exc:
+                        # Closing flushes buffered data; on a full disk that fails again, which is moot.
+                        logger.debug("ignoring error while closing the aborted %s: %s", self.partial_path, exc)
+        finally:
+            # In `finally` so a second Ctrl+C during the close above still removes the file.
+            if self._created:
+                if self.keep_partial and self.partial_path.exists():
+                    logger.warning("kept the incomplete video as %s", self.partial_path)
+                else:
+                    self._remove_partial()
+                self._created = False
+            if self._finalizer is not None:
+                self._finalizer.detach()
 
     def _remove_partial(self) -> None:
         try:
@@ -397,6 +696,16 @@ class VideoWriter:
         else:
             message = f"Could not write '{self.path}': {exc}; {fate}."
         raise OutputWriteError(message, exc.errno, str(self.path)) from exc
+
+
+def _discard_partial(path: Path) -> None:
+    """Finalizer of a writer dropped while writing: delete its partial file."""
+    try:
+        if path.exists():
+            path.unlink()
+            logger.debug("removed %s: its writer was never closed", path)
+    except OSError as exc:
+        logger.warning("could not remove the incomplete file %s: %s", path, exc)
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray | torch.Tensor], fps: float | int | Fraction,
