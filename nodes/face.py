@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 CROP_SIZE = 512  # the renderer's input size
 # Frames between face detections when one box is chosen for a batch (the reference app's value).
 VIDEO_SAMPLE_EVERY = 15
+# How the no-face error tells a node user to fall back to the centred square.
+NO_FACE_HINT = "set on_no_face to 'center' to use the centred square, or crop the image around the face yourself"
 
 
 def check_originals(originals: torch.Tensor, box: CropBox, frames: int) -> torch.Tensor:
@@ -43,8 +45,11 @@ def paste_into(frames: torch.Tensor, box: CropBox, originals: torch.Tensor, feat
     frames = frames.cpu()
     if originals.shape[0] == 1:
         return paste_back(frames, box, originals[0], feather)
-    return torch.stack([paste_back(frame, box, originals[first_index + i], feather)
-                        for i, frame in enumerate(frames)])
+    # Each frame is pasted straight into its slot of the result: no per-frame copies to stack.
+    out = torch.empty((frames.shape[0], box.image_h, box.image_w, 3), dtype=torch.float32)
+    for i, frame in enumerate(frames):
+        paste_back(frame, box, originals[first_index + i], feather, out=out[i])
+    return out
 
 
 class IMTalkerCropFace:
@@ -85,7 +90,8 @@ class IMTalkerCropFace:
         images = bridge.image_batch(image, "image").cpu()
         height, width = images.shape[1:3]
         if images.shape[0] == 1:
-            face, box = crop_face(images[0], scale=scale, size=CROP_SIZE, on_no_face=on_no_face)
+            face, box = crop_face(images[0], scale=scale, size=CROP_SIZE, on_no_face=on_no_face,
+                                  no_face_hint=NO_FACE_HINT)
             faces = face[None]
         else:
             box = stable_video_box(images, scale=scale, sample_every=VIDEO_SAMPLE_EVERY)

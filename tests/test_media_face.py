@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import imtalker_core.media.face as face_module
 from imtalker_core.errors import InputError
 from imtalker_core.media.face import (CropBox, box_around, center_box, crop_box, crop_face, detect_faces,
-                                      paste_back, paste_mask, stable_video_box)
+                                      iter_paste_back, paste_back, paste_mask, paste_mask_inside,
+                                      stable_video_box)
 from imtalker_core.media.images import load_image
 from imtalker_core.media.video import read_video
 
@@ -257,8 +260,13 @@ def test_crop_face_accepts_torch_and_uint8(photo: np.ndarray) -> None:
 
 def test_no_face_error_and_center_fallback(caplog: pytest.LogCaptureFixture) -> None:
     blank = np.full((120, 200, 3), 0.3, dtype=np.float32)
-    with pytest.raises(InputError, match=r"No face found in wall\.png; use a centre crop \(on_no_face='center'\)"):
+    # The default hint speaks the API's language; callers (CLI, node) pass their own.
+    with pytest.raises(InputError, match=r"No face found in wall\.png; pass on_no_face='center' to use the "
+                                         r"centred square, or crop the image around the face yourself$"):
         crop_face(blank, name="wall.png")
+    with pytest.raises(InputError) as caught:
+        crop_face(blank, name="wall.png", no_face_hint="add --center-crop-if-no-face, or crop it yourself")
+    assert str(caught.value) == "No face found in wall.png; add --center-crop-if-no-face, or crop it yourself"
     with caplog.at_level(logging.WARNING, logger="imtalker_core.media.face"):
         crop, box = crop_face(blank, size=32, on_no_face="center")
     assert box == center_box(120, 200) == CropBox(40, 0, 120, 120, 200)
@@ -390,3 +398,261 @@ def test_paste_back_rejects_wrong_shapes() -> None:
         paste_back(np.zeros((2, 32, 16, 3), np.float32), box, np.zeros((64, 64, 3), np.float32))
     with pytest.raises(InputError, match="64x64 image, but the original is 32x32"):
         paste_back(np.zeros((1, 32, 32, 3), np.float32), box, np.zeros((32, 32, 3), np.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Paste-back in bounded memory: the same values as the original full-image algorithm
+# ------------------------------------------------------------------------------------------------
+
+def legacy_paste_mask(box: CropBox, original_hw: tuple[int, int], feather: float = 0.1) -> np.ndarray:
+    """The full-image mask as first written (float64 outer product over the whole image)."""
+    height, width = original_hw
+    ramp_px = feather * box.size
+
+    def axis_weights(start: int, count: int) -> np.ndarray:
+        centres = np.arange(count, dtype=np.float64) + 0.5
+        low = centres - start if start > 0 else np.full(count, np.inf)
+        end = start + box.size
+        high = end - centres if end < count else np.full(count, np.inf)
+        distance = np.minimum(low, high)
+        if ramp_px <= 0:
+            return (distance > 0).astype(np.float64)
+        ramp = np.clip(distance / ramp_px, 0.0, 1.0)
+        return ramp * ramp * (3.0 - 2.0 * ramp)
+
+    return np.outer(axis_weights(box.y0, height), axis_weights(box.x0, width)).astype(np.float32)
+
+
+def legacy_paste_back(frames: np.ndarray, box: CropBox, original: np.ndarray, feather: float = 0.1) -> np.ndarray:
+    """The paste-back as first written: T full float32 copies of the original, blended in the box."""
+    gen = torch.from_numpy(np.asarray(frames))
+    single = gen.ndim == 3
+    if single:
+        gen = gen.unsqueeze(0)
+    base = original.astype(np.float32) / 255.0 if original.dtype == np.uint8 else original.astype(np.float32)
+    height, width = base.shape[:2]
+    mask = legacy_paste_mask(box, (height, width), feather)
+    out = np.empty((gen.shape[0], height, width, 3), dtype=np.float32)
+    out[:] = base
+    ix0, iy0, ix1, iy1 = box.inside()
+    if ix1 > ix0 and iy1 > iy0:
+        weight = mask[iy0:iy1, ix0:ix1, None]
+        background = base[iy0:iy1, ix0:ix1]
+        inside = weight > 0
+        part = gen.to(torch.float32).permute(0, 3, 1, 2)
+        if part.shape[-1] != box.size:
+            part = torch.nn.functional.interpolate(part, size=(box.size, box.size), mode="bilinear",
+                                                   antialias=True, align_corners=False)
+        region = part.permute(0, 2, 3, 1).numpy()[:, iy0 - box.y0:iy1 - box.y0, ix0 - box.x0:ix1 - box.x0]
+        blended = background + weight * (region - background)
+        out[:, iy0:iy1, ix0:ix1] = np.where(inside, blended, background)
+    return out[0] if single else out
+
+
+H, W = 70, 90
+# Boxes in a 70x90 image: inside, flush with each edge, crossing edges ("pad" crops), larger than
+# the image, and entirely outside it.
+PASTE_BOXES = {
+    "inside": CropBox(20, 10, 40, H, W),
+    "flush_top_left": CropBox(0, 0, 50, H, W),
+    "flush_bottom_right": CropBox(W - 45, H - 45, 45, H, W),
+    "flush_whole_height": CropBox(10, 0, H, H, W),
+    "pad_crosses_left_top": CropBox(-12, -7, 48, H, W),
+    "pad_crosses_right_bottom": CropBox(60, 41, 44, H, W),
+    "pad_larger_than_image": CropBox(-20, -30, 130, H, W),
+    "outside": CropBox(W + 5, 0, 30, H, W),
+}
+
+
+@pytest.fixture(params=["float32", "uint8", "float64"])
+def original(request: pytest.FixtureRequest) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    if request.param == "uint8":
+        return rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    return rng.random((H, W, 3)).astype(request.param)
+
+
+@pytest.fixture(params=[False, True], ids=["one_band", "small_bands"])
+def band_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Optionally force bands of a few rows and resizing one frame at a time, to exercise the seams."""
+    if request.param:
+        monkeypatch.setattr(face_module, "_BAND_VALUES", 7 * 3 * W)
+        monkeypatch.setattr(face_module, "RESIZE_BUDGET_BYTES", 1)
+    return request.param
+
+
+def assert_same_paste(new: np.ndarray, old: np.ndarray, box: CropBox, original: np.ndarray, feather: float) -> None:
+    np.testing.assert_allclose(new, old, rtol=0, atol=1e-6)
+    # Where the mask is 0 the result is the original, bit for bit (as float32).
+    base = original.astype(np.float32) / 255.0 if original.dtype == np.uint8 else original.astype(np.float32)
+    zero = legacy_paste_mask(box, (H, W), feather) == 0
+    frames = new if new.ndim == 4 else new[None]
+    for frame in frames:
+        assert np.array_equal(frame[zero].view(np.uint32), base[zero].view(np.uint32))
+
+
+@pytest.mark.parametrize("name", sorted(PASTE_BOXES))
+@pytest.mark.parametrize("feather", [0.0, 0.1, 0.5])
+def test_paste_back_equals_the_full_image_algorithm(name: str, feather: float, original: np.ndarray,
+                                                     band_size: bool) -> None:
+    box = PASTE_BOXES[name]
+    rng = np.random.default_rng(5)
+    for side in (24, box.size, box.size + 13):  # enlarged, pasted as is, shrunk
+        frames = rng.random((3, side, side, 3), dtype=np.float32)
+        old = legacy_paste_back(frames, box, original, feather)
+        assert_same_paste(paste_back(frames, box, original, feather), old, box, original, feather)
+        assert_same_paste(paste_back(frames[1], box, original, feather), old[1], box, original, feather)
+        streamed = np.stack(list(iter_paste_back(frames, box, original, feather)))
+        assert_same_paste(streamed, old, box, original, feather)
+
+
+@pytest.mark.parametrize("name", sorted(PASTE_BOXES))
+@pytest.mark.parametrize("feather", [0.0, 0.1, 0.5])
+def test_paste_masks_equal_the_full_image_mask(name: str, feather: float, band_size: bool) -> None:
+    box = PASTE_BOXES[name]
+    old = legacy_paste_mask(box, (H, W), feather)
+    np.testing.assert_array_equal(paste_mask(box, (H, W), feather), old)
+    ix0, iy0, ix1, iy1 = box.inside()
+    inside = paste_mask_inside(box, feather)
+    assert inside.dtype == np.float32 and inside.shape == (max(iy1 - iy0, 0), max(ix1 - ix0, 0))
+    np.testing.assert_array_equal(inside, old[iy0:iy1, ix0:ix1])
+    # Nothing outside the box's inside region carries weight, so pasting only there loses nothing.
+    rest = old.copy()
+    rest[iy0:iy1, ix0:ix1] = 0
+    assert not rest.any()
+
+
+def test_paste_back_into_a_given_buffer() -> None:
+    rng = np.random.default_rng(6)
+    original = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    frames = rng.random((2, 32, 32, 3), dtype=np.float32)
+    box = PASTE_BOXES["pad_crosses_left_top"]
+    want = legacy_paste_back(frames, box, original)
+    out = np.full((2, H, W, 3), np.nan, dtype=np.float32)
+    assert paste_back(frames, box, original, out=out) is out
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)
+    # One frame into one slot of a larger torch batch (as the node does per original).
+    batch = torch.full((3, H, W, 3), -1.0)
+    slot = batch[2]
+    assert paste_back(torch.from_numpy(frames[1]), box, original, out=slot) is slot
+    np.testing.assert_allclose(batch[2].numpy(), want[1], rtol=0, atol=1e-6)
+    assert torch.all(batch[:2] == -1.0)  # the other slots untouched
+
+
+def test_paste_back_rejects_a_bad_buffer() -> None:
+    original = np.random.default_rng(7).random((H, W, 3), dtype=np.float32)
+    frames = np.zeros((2, 32, 32, 3), np.float32)
+    box = PASTE_BOXES["inside"]
+    with pytest.raises(InputError, match=r"out must be shaped \[2, 70, 90, 3\].*got \[1, 70, 90, 3\]"):
+        paste_back(frames, box, original, out=np.empty((1, H, W, 3), np.float32))
+    with pytest.raises(InputError, match="writable float32 array, got ndarray float64"):
+        paste_back(frames, box, original, out=np.empty((2, H, W, 3)))
+    with pytest.raises(InputError, match="float32 CPU tensor, got torch.float16"):
+        paste_back(frames, box, original, out=torch.empty((2, H, W, 3), dtype=torch.float16))
+    with pytest.raises(InputError, match="must not share memory with the original"):
+        paste_back(frames[0], box, original, out=original)
+    with pytest.raises(InputError, match="chunk must be at least 1 frame, got 0"):
+        paste_back(frames, box, original, chunk=0)
+
+
+def test_iter_paste_back_streams_into_one_buffer() -> None:
+    rng = np.random.default_rng(8)
+    original = rng.random((H, W, 3), dtype=np.float32)
+    frames = torch.from_numpy(rng.random((4, 40, 40, 3), dtype=np.float32))
+    box = PASTE_BOXES["flush_bottom_right"]
+    want = legacy_paste_back(frames.numpy(), box, original)
+    # Fresh frames: one [H, W, 3] at a time, torch in -> torch out.
+    fresh = iter_paste_back(frames, box, original)
+    assert isinstance(fresh, Iterator)
+    got = list(fresh)
+    assert len(got) == 4 and all(isinstance(f, torch.Tensor) and f.shape == (H, W, 3) for f in got)
+    assert len({f.data_ptr() for f in got}) == 4  # distinct arrays, safe to keep
+    np.testing.assert_allclose(torch.stack(got).numpy(), want, rtol=0, atol=1e-6)
+    # One reused buffer: every frame is written into it and it is what is yielded.
+    buffer = np.full((H, W, 3), np.nan, dtype=np.float32)
+    copies = []
+    for frame in iter_paste_back(frames, box, original, out=buffer, chunk=3):
+        assert frame is buffer
+        copies.append(frame.copy())
+    np.testing.assert_allclose(np.stack(copies), want, rtol=0, atol=1e-6)
+    # A torch buffer is yielded as itself too.
+    tensor_buffer = torch.empty(H, W, 3)
+    assert all(f is tensor_buffer for f in iter_paste_back(frames[:2], box, original, out=tensor_buffer))
+
+
+def test_iter_paste_back_checks_its_arguments_when_called() -> None:
+    box = PASTE_BOXES["inside"]
+    original = np.zeros((H, W, 3), np.float32)
+    # Errors come at the call, before any frame is requested, so a caller fails before rendering on.
+    with pytest.raises(InputError, match="90x70 image, but the original is 80x60"):
+        iter_paste_back(np.zeros((1, 32, 32, 3), np.float32), box, np.zeros((60, 80, 3), np.float32))
+    with pytest.raises(InputError, match=r"\[T, S, S, 3\]"):
+        iter_paste_back(np.zeros((1, 32, 31, 3), np.float32), box, original)
+    with pytest.raises(InputError, match="feather.*0.9"):
+        iter_paste_back(np.zeros((1, 32, 32, 3), np.float32), box, original, feather=0.9)
+    with pytest.raises(InputError, match=r"out must be shaped \[70, 90, 3\]"):
+        iter_paste_back(np.zeros((2, 32, 32, 3), np.float32), box, original, out=np.empty((2, H, W, 3), np.float32))
+    with pytest.raises(InputError, match="chunk must be at least 1"):
+        iter_paste_back(np.zeros((1, 32, 32, 3), np.float32), box, original, chunk=0)
+
+
+def test_crop_face_of_uint8_converts_only_the_crop_with_the_same_values(photo: np.ndarray) -> None:
+    photo_u8 = np.round(photo * 255).astype(np.uint8)
+    for size in (64, 700):  # shrunk (area) and enlarged (bicubic)
+        crop, box = crop_face(photo_u8, size=size)
+        np.testing.assert_array_equal(crop, crop_box(photo_u8.astype(np.float32) / 255.0, box, size))
+    # A float64 image is cut before it is cast, with the values of casting first.
+    wide = np.random.default_rng(9).random((50, 60, 3))
+    box = CropBox(-5, 10, 48, 50, 60)
+    np.testing.assert_array_equal(crop_box(wide, box, 30), crop_box(wide.astype(np.float32), box, 30))
+
+
+# ------------------------------------------------------------------------------------------------
+# Several faces: a warning names how many and which one was used
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_faces(photo: np.ndarray) -> np.ndarray:
+    canvas = np.full((600, 1200, 3), 0.5, dtype=np.float32)
+    canvas[50:562, 640:1152] = photo
+    canvas[300:556, 40:296] = photo[::2, ::2]
+    return canvas
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and r.name == "imtalker_core.media.face"]
+
+
+def test_several_faces_warn_once_naming_the_one_used(two_faces: np.ndarray, photo: np.ndarray,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    faces = detect_faces(two_faces)
+    assert len(faces) >= 2
+    x, y, w, h = faces[0]
+    with caplog.at_level(logging.WARNING, logger="imtalker_core.media.face"):
+        crop_face(two_faces, size=64, name="pair.png")
+    assert warnings_of(caplog) == [(f"{len(faces)} faces found in pair.png; using the largest, {w}x{h} px at "
+                                    f"({x}, {y}); crop the image yourself to animate another one")]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imtalker_core.media.face"):
+        crop_face(photo, size=64)
+    assert warnings_of(caplog) == []  # one face: nothing to warn about
+
+
+def test_several_faces_in_a_video_warn_once(two_faces: np.ndarray, photo: np.ndarray,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    count = len(detect_faces(two_faces))
+    alone = np.full_like(two_faces, 0.5)
+    alone[50:562, 640:1152] = photo  # the same large face without the small one
+    frames = [two_faces, alone, two_faces, two_faces]
+    with caplog.at_level(logging.WARNING, logger="imtalker_core.media.face"):
+        box = stable_video_box(frames, sample_every=1)
+    assert warnings_of(caplog) == [(f"3 of 4 sampled video frames show more than one face (up to {count}); the "
+                                    f"largest face of each frame was used, giving a {box.size} px crop at "
+                                    f"({box.x0}, {box.y0})")]
+    # The large face was followed, not the small one on the left.
+    assert box.x0 > 600
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imtalker_core.media.face"):
+        stable_video_box([alone, alone], sample_every=1)
+    assert warnings_of(caplog) == []

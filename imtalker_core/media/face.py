@@ -5,7 +5,7 @@ Detection uses OpenCV's frontal-face Haar cascade, which ships inside the
 It runs on a copy downscaled to at most `DETECT_MAX_SIDE` pixels for speed (tens of milliseconds per
 image on a CPU); boxes are mapped back to source pixels. Faces narrower than about 5% of
 the image's short side are ignored, which suits portraits, not group photos. When several
-faces are found the largest one wins.
+faces are found the largest one wins, and a warning says how many there were and which was used.
 
 Crop geometry follows the reference app: the square side is ``max(w_face, h_face) * scale``
 (the reference uses ``2 * int(max(w, h) * 0.8)``, i.e. scale 1.6), centred on the detected box.
@@ -17,6 +17,13 @@ sides from its top-left corner (logged). ``border="pad"`` keeps the full square 
 face and pads whatever leaves the image with black. `CropBox` records the square in
 source-pixel coordinates so `paste_back` can put generated frames exactly where the crop came
 from.
+
+Paste-back memory: the result frames are float32 at the original's full size, ``H * W * 3 * 4``
+bytes each (768 MB for an 8000x8000 photo), by contract. Everything else is bounded by the crop,
+not the photo: the blend runs on the box's part inside the image only, a band of rows at a time,
+and a uint8 original is converted to float only where it is read. `iter_paste_back` yields one
+full frame at a time; given an ``out`` buffer it writes every frame into it, so a caller that
+streams frames to a video holds exactly one full frame.
 """
 from __future__ import annotations
 
@@ -24,8 +31,9 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -48,6 +56,14 @@ ArrayLike = np.ndarray | torch.Tensor
 #: How a crop square that crosses the image edge is placed (see the module docstring).
 Border = Literal["shift", "pad"]
 BORDERS: tuple[str, ...] = ("shift", "pad")
+#: What the no-face error of `crop_face` tells the user to do, unless the caller passes its own.
+DEFAULT_NO_FACE_HINT = "pass on_no_face='center' to use the centred square, or crop the image around the face yourself"
+#: At most this many bytes of generated frames are resized to the crop side at once: the crop of
+#: a large photo can be thousands of pixels wide, where 16 resized frames would take gigabytes.
+RESIZE_BUDGET_BYTES = 256 * 2**20
+#: Rows of the pasted region are blended in bands of about this many values (16 MB per float32
+#: temporary), so the blend's temporaries stay small however large the crop is.
+_BAND_VALUES = 2**22
 
 
 @dataclass(frozen=True)
@@ -208,30 +224,38 @@ def crop_box(image: ArrayLike, box: CropBox, size: int | None = None) -> ArrayLi
     if (array.shape[0], array.shape[1]) != (box.image_h, box.image_w):
         raise InputError(f"the crop box was made for a {box.image_w}x{box.image_h} image, "
                          f"but this image is {array.shape[1]}x{array.shape[0]}")
-    if array.dtype != np.uint8:
-        array = array.astype(np.float32, copy=False)
-    crop = np.zeros((box.size, box.size, 3), dtype=array.dtype)
+    # Only the box's pixels are converted (the assignment casts), never the whole photo.
+    crop = np.zeros((box.size, box.size, 3), dtype=np.uint8 if array.dtype == np.uint8 else np.float32)
     ix0, iy0, ix1, iy1 = box.inside()
     if ix1 > ix0 and iy1 > iy0:
         crop[iy0 - box.y0:iy1 - box.y0, ix0 - box.x0:ix1 - box.x0] = array[iy0:iy1, ix0:ix1]
-    if size is not None and size != box.size:
-        interpolation = cv2.INTER_AREA if size < box.size else cv2.INTER_CUBIC
+    crop = _resize_crop(crop, size)
+    return torch.from_numpy(np.ascontiguousarray(crop)) if is_torch else crop
+
+
+def _resize_crop(crop: np.ndarray, size: int | None) -> np.ndarray:
+    """A square ``[S, S, 3]`` crop (uint8 or float32) resized to ``size`` (``None``: unchanged)."""
+    if size is not None and size != crop.shape[0]:
+        interpolation = cv2.INTER_AREA if size < crop.shape[0] else cv2.INTER_CUBIC
         crop = cv2.resize(crop, (size, size), interpolation=interpolation)
         if crop.dtype != np.uint8:
             # Bicubic overshoots at edges; keep values a valid image.
             np.clip(crop, 0.0, 1.0, out=crop)
-    return torch.from_numpy(np.ascontiguousarray(crop)) if is_torch else crop
+    return crop
 
 
 def crop_face(image_hw3: ArrayLike, scale: float = 1.6, size: int = 512,
               on_no_face: Literal["error", "center"] = "error", name: str = "the image",
-              border: Border = "shift") -> tuple[ArrayLike, CropBox]:
+              border: Border = "shift", no_face_hint: str = DEFAULT_NO_FACE_HINT) -> tuple[ArrayLike, CropBox]:
     """Find the largest face and return its square crop ``[size, size, 3]`` and the `CropBox`.
 
     ``image_hw3`` is float in ``[0, 1]`` (or uint8) ``[H, W, 3]``, numpy or CPU torch; the crop
     is float32 in ``[0, 1]`` of the same kind. The square is placed as `box_around` says for
     ``border``. Without a face, ``on_no_face='error'`` raises `InputError` and ``'center'``
-    uses the largest centred square. ``name`` appears in messages.
+    uses the largest centred square. ``name`` appears in messages. ``no_face_hint`` is what the
+    error tells the user to do, in the caller's own terms (a node option, a CLI flag); the error
+    reads "No face found in <name>; <no_face_hint>".
+    With several faces the largest is used and a warning names how many were found.
     """
     if on_no_face not in ("error", "center"):
         raise InputError(f"on_no_face must be 'error' or 'center', got {on_no_face!r}")
@@ -243,14 +267,22 @@ def crop_face(image_hw3: ArrayLike, scale: float = 1.6, size: int = 512,
     faces = detect_faces(array)
     if faces:
         box = box_around(faces[0], height, width, scale, border)
+        if len(faces) > 1:
+            x, y, w, h = faces[0]
+            logger.warning("%d faces found in %s; using the largest, %dx%d px at (%d, %d); crop the image "
+                           "yourself to animate another one", len(faces), name, w, h, x, y)
         logger.info("face in %s at %s; crop %d px at (%d, %d)", name, faces[0], box.size, box.x0, box.y0)
     elif on_no_face == "center":
         box = center_box(height, width)
         logger.warning("no face found in %s; using the centred %d px square", name, box.size)
     else:
-        raise InputError(f"No face found in {name}; use a centre crop (on_no_face='center') "
-                         "or crop the image yourself")
-    crop = crop_box(array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array, box, size)
+        raise InputError(f"No face found in {name}; {no_face_hint}")
+    if array.dtype == np.uint8:
+        # Cut first, then convert: converting a whole large photo to float would cost 4 bytes a value.
+        # The values equal converting first (zeros stay zero, the rest is the same division).
+        crop = _resize_crop(_to_float32(crop_box(array, box)), size)
+    else:
+        crop = crop_box(array, box, size)
     return (torch.from_numpy(crop) if isinstance(image_hw3, torch.Tensor) else crop), box
 
 
@@ -276,6 +308,8 @@ def stable_video_box(frames: Iterable[ArrayLike] | ArrayLike, scale: float = 1.6
     heights: list[int] = []
     shape: tuple[int, int] | None = None
     sampled = 0
+    several = 0  # sampled frames with more than one face
+    most = 0
     for index, frame in enumerate(frames):
         if shape is None:
             array = _as_numpy_image(frame)
@@ -288,6 +322,9 @@ def stable_video_box(frames: Iterable[ArrayLike] | ArrayLike, scale: float = 1.6
                              f"the first was {shape[1]}x{shape[0]}")
         sampled += 1
         faces = detect_faces(array)
+        if len(faces) > 1:
+            several += 1
+            most = max(most, len(faces))
         if faces:
             x, y, w, h = faces[0]
             centres_x.append(x + w / 2)
@@ -304,7 +341,20 @@ def stable_video_box(frames: Iterable[ArrayLike] | ArrayLike, scale: float = 1.6
     half = max(1, int(max(float(np.median(widths)), float(np.median(heights))) * scale / 2))
     logger.info("face found in %d of %d sampled video frames; crop %d px around (%.0f, %.0f)",
                 len(widths), sampled, 2 * half, cx, cy)
-    return _square(int(cx) - half, int(cy) - half, 2 * half, height, width, border)
+    box = _square(int(cx) - half, int(cy) - half, 2 * half, height, width, border)
+    if several:
+        # One summary for the whole video rather than one warning per sampled frame.
+        logger.warning("%d of %d sampled video frames show more than one face (up to %d); the largest face "
+                       "of each frame was used, giving a %d px crop at (%d, %d)",
+                       several, sampled, most, box.size, box.x0, box.y0)
+    return box
+
+
+def _check_original_size(box: CropBox, original_hw: tuple[int, int]) -> None:
+    height, width = original_hw
+    if (height, width) != (box.image_h, box.image_w):
+        raise InputError(f"the crop box was made for a {box.image_w}x{box.image_h} image, "
+                         f"but the original is {width}x{height}")
 
 
 def paste_mask(box: CropBox, original_hw: tuple[int, int], feather: float = 0.1) -> np.ndarray:
@@ -315,71 +365,238 @@ def paste_mask(box: CropBox, original_hw: tuple[int, int], feather: float = 0.1)
     are feathered: where the box is flush with an image edge (a crop slid inside the image) or
     reaches past it, the mask stays 1 up to that image edge, because there is no seam to hide
     there. The mask only covers the image; the part of the box beyond it is dropped.
+    Costs ``H * W * 4`` bytes; `paste_mask_inside` gives just the box's part.
     """
-    height, width = original_hw
-    if (height, width) != (box.image_h, box.image_w):
-        raise InputError(f"the crop box was made for a {box.image_w}x{box.image_h} image, "
-                         f"but the original is {width}x{height}")
+    _check_original_size(box, original_hw)
+    mask = np.zeros(original_hw, dtype=np.float32)
+    ix0, iy0, ix1, iy1 = box.inside()
+    inside = paste_mask_inside(box, feather)
+    if inside.size:
+        mask[iy0:iy1, ix0:ix1] = inside
+    return mask
+
+
+def paste_mask_inside(box: CropBox, feather: float = 0.1) -> np.ndarray:
+    """The `paste_mask` of ``box`` cut to ``box.inside()``: float32 ``[y1 - y0, x1 - x0]`` in ``[0, 1]``.
+
+    Equal, value for value, to ``paste_mask(box, (box.image_h, box.image_w), feather)[y0:y1, x0:x1]``
+    with ``(x0, y0, x1, y1) = box.inside()``, without allocating the full-image mask (empty when the
+    box misses the image). Built a band of rows at a time, so no float64 array of the box's size exists.
+    """
+    rows, cols = _mask_axes(box, feather)
+    mask = np.empty((rows.size, cols.size), dtype=np.float32)
+    step = max(1, _BAND_VALUES // max(1, cols.size))
+    for r0 in range(0, rows.size, step):
+        # The weight is the product of a row and a column weight, computed in float64 and rounded
+        # once to float32, exactly as the full-image outer product always did.
+        mask[r0:r0 + step] = np.outer(rows[r0:r0 + step], cols)
+    return mask
+
+
+def _mask_axes(box: CropBox, feather: float) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 row and column weights of the mask over ``box.inside()``; the mask is their outer product."""
     if not 0.0 <= feather <= 0.5:
         raise InputError(f"feather is a fraction of the crop side between 0 and 0.5, got {feather}")
     ramp_px = feather * box.size
+    ix0, iy0, ix1, iy1 = box.inside()
 
-    def axis_weights(start: int, count: int) -> np.ndarray:
-        # Distance of each pixel centre from the nearer box edge that lies inside the image, in
-        # pixels (negative outside the box); an edge at or beyond the image border is infinitely far.
-        centres = np.arange(count, dtype=np.float64) + 0.5
-        low = centres - start if start > 0 else np.full(count, np.inf)
+    def axis_weights(start: int, count: int, lo: int, hi: int) -> np.ndarray:
+        # Distance of each pixel centre in [lo, hi) from the nearer box edge that lies inside the
+        # image (`count` pixels long), in pixels; an edge at or beyond the image border is
+        # infinitely far.
+        n = max(hi - lo, 0)
+        centres = np.arange(lo, lo + n, dtype=np.float64) + 0.5
+        low = centres - start if start > 0 else np.full(n, np.inf)
         end = start + box.size
-        high = end - centres if end < count else np.full(count, np.inf)
+        high = end - centres if end < count else np.full(n, np.inf)
         distance = np.minimum(low, high)
         if ramp_px <= 0:
             return (distance > 0).astype(np.float64)
         ramp = np.clip(distance / ramp_px, 0.0, 1.0)
         return ramp * ramp * (3.0 - 2.0 * ramp)
 
-    mask = np.outer(axis_weights(box.y0, height), axis_weights(box.x0, width))
-    return mask.astype(np.float32)
+    return axis_weights(box.y0, box.image_h, iy0, iy1), axis_weights(box.x0, box.image_w, ix0, ix1)
 
 
-def paste_back(frames: ArrayLike, box: CropBox, original: ArrayLike, feather: float = 0.1,
-               chunk: int = 16) -> ArrayLike:
-    """Composite generated crops into the original image: ``[T, S, S, 3]`` -> ``[T, H, W, 3]``.
+def _to_float32(array: np.ndarray) -> np.ndarray:
+    """A float32 copy of image values: uint8 is divided by 255, other dtypes are only cast."""
+    if array.dtype == np.uint8:
+        # The same float32 division as `astype(np.float32) / 255.0`, without the intermediate copy.
+        return np.divide(array, np.float32(255.0), dtype=np.float32)
+    return array.astype(np.float32)
 
-    ``frames`` are float in ``[0, 1]`` (numpy or CPU torch; a single ``[S, S, 3]`` frame gives
-    ``[H, W, 3]``). Each is resized to ``box.size`` (antialiased bilinear) and blended into
-    ``original`` (``[H, W, 3]``, float ``[0, 1]`` or uint8) with `paste_mask`. Pixels where the
-    mask is 0 are bit-identical to ``original`` (as float32). Returns float32 of the same kind
-    as ``frames``. Frames are resized ``chunk`` at a time to bound temporary memory.
-    """
-    is_torch = isinstance(frames, torch.Tensor)
-    gen = torch.as_tensor(frames).detach().cpu() if is_torch else torch.from_numpy(np.asarray(frames))
+
+def _fill_float32(dst: np.ndarray, base: np.ndarray) -> None:
+    """Write the original ``base`` ``[H, W, 3]`` into the float32 frame ``dst`` as `_to_float32` would."""
+    if base.dtype == np.uint8:
+        np.divide(base, np.float32(255.0), out=dst, dtype=np.float32)
+    else:
+        dst[...] = base  # casts without a temporary copy
+
+
+def _generated_frames(frames: ArrayLike) -> tuple[torch.Tensor, bool]:
+    """Generated crops as a CPU tensor ``[T, S, S, 3]`` and whether one ``[S, S, 3]`` frame was given."""
+    gen = frames.detach().cpu() if isinstance(frames, torch.Tensor) else torch.from_numpy(np.asarray(frames))
     single = gen.ndim == 3
     if single:
         gen = gen.unsqueeze(0)
     if gen.ndim != 4 or gen.shape[-1] != 3 or gen.shape[1] != gen.shape[2]:
         raise InputError(f"expected square generated frames shaped [T, S, S, 3], got {tuple(gen.shape)}")
-    base = _as_numpy_image(original)
-    base = base.astype(np.float32) / 255.0 if base.dtype == np.uint8 else base.astype(np.float32, copy=False)
-    height, width = base.shape[:2]
-    mask = paste_mask(box, (height, width), feather)
+    return gen, single
 
-    out = np.empty((gen.shape[0], height, width, 3), dtype=np.float32)
-    out[:] = base
+
+def _output_buffer(out: ArrayLike, shape: tuple[int, ...], base: np.ndarray) -> np.ndarray:
+    """``out`` (numpy or CPU torch, float32, ``shape``) as a writable numpy view, checked."""
+    if isinstance(out, torch.Tensor):
+        if out.device.type != "cpu" or out.dtype != torch.float32:
+            raise InputError(f"out must be a float32 CPU tensor, got {out.dtype} on {out.device}")
+        view = out.detach().numpy()
+    else:
+        view = out
+    if not isinstance(view, np.ndarray) or view.dtype != np.float32 or not view.flags.writeable:
+        raise InputError(f"out must be a writable float32 array, got {type(out).__name__} "
+                         f"{getattr(out, 'dtype', '')}")
+    if view.shape != shape:
+        raise InputError(f"out must be shaped {list(shape)} for these frames, got {list(view.shape)}")
+    if np.may_share_memory(view, base):
+        # The original is read for every frame; overwriting it would blend later frames into earlier ones.
+        raise InputError("out must not share memory with the original image; pass a separate buffer")
+    return view
+
+
+def _resized(gen: torch.Tensor, box: CropBox, chunk: int) -> Iterator[np.ndarray]:
+    """Each generated frame as float32 ``[box.size, box.size, 3]`` (antialiased bilinear), in order.
+
+    Frames are resized ``chunk`` at a time, fewer when that would take more than
+    `RESIZE_BUDGET_BYTES`. The arrays yielded may be views of the input.
+    """
+    step = max(1, min(chunk, RESIZE_BUDGET_BYTES // (box.size * box.size * 3 * 4)))
+    for start in range(0, gen.shape[0], step):
+        part = gen[start:start + step].to(torch.float32).permute(0, 3, 1, 2)
+        if part.shape[-1] != box.size:
+            part = F.interpolate(part, size=(box.size, box.size), mode="bilinear", antialias=True,
+                                 align_corners=False)
+        resized = part.permute(0, 2, 3, 1).numpy()
+        del part
+        for k in range(resized.shape[0]):
+            yield resized[k]
+        # Drop this chunk before resizing the next: at a large crop's size each frame is hundreds of MB.
+        # (No loop variable may keep a view of it either; consumers `del` theirs for the same reason.)
+        del resized
+
+
+def _blend_into(dst: np.ndarray, resized: np.ndarray, box: CropBox, base: np.ndarray,
+                axes: tuple[np.ndarray, np.ndarray]) -> None:
+    """Write one pasted frame's ``box.inside()`` region into ``dst`` ``[H, W, 3]`` float32, in place.
+
+    ``resized`` is the generated frame at ``box.size`` and ``axes`` the mask's row and column
+    weights (`_mask_axes`). Pixels outside the box are not touched; inside it, where the mask is 0
+    the original's float32 value is written bit for bit. Works a band of rows at a time, the mask
+    included, so temporaries stay near `_BAND_VALUES` values however large the crop is.
+    """
     ix0, iy0, ix1, iy1 = box.inside()
-    if ix1 > ix0 and iy1 > iy0:
-        weight = mask[iy0:iy1, ix0:ix1, None]
-        background = base[iy0:iy1, ix0:ix1]
-        inside = weight > 0
-        for start in range(0, gen.shape[0], chunk):
-            part = gen[start:start + chunk].to(torch.float32).permute(0, 3, 1, 2)
-            if part.shape[-1] != box.size:
-                part = F.interpolate(part, size=(box.size, box.size), mode="bilinear", antialias=True,
-                                     align_corners=False)
-            resized = part.permute(0, 2, 3, 1).numpy()
-            region = resized[:, iy0 - box.y0:iy1 - box.y0, ix0 - box.x0:ix1 - box.x0]
-            blended = background + weight * (region - background)
-            # Blend only where the mask is positive so everything else keeps the original bits.
-            out[start:start + chunk, iy0:iy1, ix0:ix1] = np.where(inside, blended, background)
-    if single:
-        out = out[0]
-    return torch.from_numpy(out) if is_torch else out
+    if ix1 <= ix0 or iy1 <= iy0:
+        return
+    rows, cols = axes
+    step = max(1, _BAND_VALUES // (3 * (ix1 - ix0)))
+    for r0 in range(iy0, iy1, step):
+        r1 = min(r0 + step, iy1)
+        # The band's part of `paste_mask_inside`, the same float64 product rounded once to float32.
+        weight = np.outer(rows[r0 - iy0:r1 - iy0], cols).astype(np.float32)[:, :, None]
+        background = _to_float32(base[r0:r1, ix0:ix1])
+        region = resized[r0 - box.y0:r1 - box.y0, ix0 - box.x0:ix1 - box.x0]
+        blended = background + weight * (region - background)
+        # Blend only where the mask is positive so everything else keeps the original bits.
+        dst[r0:r1, ix0:ix1] = np.where(weight > 0, blended, background)
+
+
+def _check_chunk(chunk: int) -> None:
+    if chunk < 1:
+        raise InputError(f"chunk must be at least 1 frame, got {chunk}")
+
+
+def _original_image(original: ArrayLike, box: CropBox) -> np.ndarray:
+    """The original as numpy ``[H, W, 3]`` in its own dtype (not converted), checked against ``box``."""
+    base = _as_numpy_image(original)
+    _check_original_size(box, base.shape[:2])
+    return base
+
+
+def paste_back(frames: ArrayLike, box: CropBox, original: ArrayLike, feather: float = 0.1,
+               chunk: int = 16, out: ArrayLike | None = None) -> ArrayLike:
+    """Composite generated crops into the original image: ``[T, S, S, 3]`` -> ``[T, H, W, 3]``.
+
+    ``frames`` are float in ``[0, 1]`` (numpy or CPU torch; a single ``[S, S, 3]`` frame gives
+    ``[H, W, 3]``). Each is resized to ``box.size`` (antialiased bilinear) and blended into
+    ``original`` (``[H, W, 3]``, float ``[0, 1]`` or uint8) with `paste_mask`. Pixels where the
+    mask is 0 are bit-identical to ``original`` (as float32; uint8 divided by 255). Returns float32
+    of the same kind as ``frames``, ``T * H * W * 3 * 4`` bytes. Frames are resized up to
+    ``chunk`` at a time (fewer for large crops, see `RESIZE_BUDGET_BYTES`); beyond the result,
+    memory is bounded by the crop's size, not the photo's.
+
+    ``out``: a float32 numpy array or CPU tensor of the result's shape to write into instead of
+    allocating (e.g. one frame of a larger batch); it is returned. It must not overlap ``original``.
+    To stream frames one at a time, use `iter_paste_back`.
+    """
+    is_torch = isinstance(frames, torch.Tensor)
+    gen, single = _generated_frames(frames)
+    base = _original_image(original, box)
+    axes = _mask_axes(box, feather)
+    _check_chunk(chunk)
+    height, width = base.shape[:2]
+    shape = (height, width, 3) if single else (gen.shape[0], height, width, 3)
+    result = np.empty(shape, dtype=np.float32) if out is None else _output_buffer(out, shape, base)
+    targets = result[None] if single else result
+    # Not zip/enumerate: their reused result tuple would keep the previous frame alive during the next resize.
+    index = 0
+    for resized in _resized(gen, box, chunk):
+        _fill_float32(targets[index], base)
+        _blend_into(targets[index], resized, box, base, axes)
+        index += 1  # noqa: SIM113 - see above
+        del resized
+    if out is not None:
+        return out
+    return torch.from_numpy(result) if is_torch else result
+
+
+def iter_paste_back(frames: ArrayLike, box: CropBox, original: ArrayLike, feather: float = 0.1,
+                    chunk: int = 16, out: ArrayLike | None = None) -> Iterator[ArrayLike]:
+    """`paste_back` one frame at a time: yields each pasted frame, float32 ``[H, W, 3]``, in order.
+
+    Same arguments and values as `paste_back` (a single ``[S, S, 3]`` frame yields once). Use it to
+    write a video frame by frame without holding ``T`` full frames (``H * W * 3 * 4`` bytes each).
+    Without ``out`` every frame is a new array (numpy, or a tensor if ``frames`` is one); a loop
+    ``for frame in ...`` still holds the previous frame while the next is made, so two frames are
+    alive at a time. With ``out``
+    (a float32 ``[H, W, 3]`` numpy array or CPU tensor, not overlapping ``original``) every frame is
+    written into that buffer and ``out`` itself is yielded: it holds a frame only until the next one
+    is requested, and must not be modified meanwhile (only the crop's region is rewritten per frame).
+    Arguments are checked when this is called, not at the first frame.
+    """
+    is_torch = isinstance(frames, torch.Tensor)
+    gen, _ = _generated_frames(frames)
+    base = _original_image(original, box)
+    axes = _mask_axes(box, feather)
+    frame_shape = (base.shape[0], base.shape[1], 3)
+    buffer = None if out is None else _output_buffer(out, frame_shape, base)
+    _check_chunk(chunk)
+
+    def frames_out() -> Iterator[ArrayLike]:
+        filled = False
+        for resized in _resized(gen, box, chunk):
+            if buffer is None:
+                target = np.empty(frame_shape, dtype=np.float32)
+                _fill_float32(target, base)
+                _blend_into(target, resized, box, base, axes)
+                yield torch.from_numpy(target) if is_torch else target
+                del target  # the caller decides how long a fresh frame lives
+            else:
+                # Outside the crop's region the buffer keeps the original from the first fill.
+                if not filled:
+                    _fill_float32(buffer, base)
+                    filled = True
+                _blend_into(buffer, resized, box, base, axes)
+                yield out
+            del resized
+
+    return frames_out()
