@@ -10,6 +10,7 @@ import torch
 from . import model_files
 from .errors import IMTalkerError
 from .sampling import NOISE_MODES
+from .validation import MAX_STEPS, MIN_STEPS, check_device
 
 log = logging.getLogger("imtalker_core.cli")
 
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(a)
     a.add_argument("audio", type=Path, help="speech (wav, flac, mp3, m4a, or a video's audio track)")
     a.add_argument("--seed", type=int, default=42)
-    a.add_argument("--steps", type=int, default=10, help="flow-matching time points (≥ 2)")
+    a.add_argument("--steps", type=int, default=10,
+                   help=f"flow-matching time points ({MIN_STEPS}–{MAX_STEPS}; 10 as the reference)")
     a.add_argument("--cfg", type=float, default=3.0, help="audio classifier-free guidance scale")
     a.add_argument("--pose", type=Path, help="per-frame head pose [T,3] (.npy/.txt/.csv/.pt)")
     a.add_argument("--cam", type=Path, help="per-frame camera [T,3] (.npy/.txt/.csv/.pt)")
@@ -128,22 +130,34 @@ def run(args: argparse.Namespace) -> int:
         log.info("models folder: %s", root)
         log.info("missing: %s", ", ".join(missing) if missing else "nothing")
         return 1 if missing else 0
-    device = _device(args.device)
+    device = str(check_device(_device(args.device)))
     dtype = _dtype(args.precision, device)
-    models = runner.load_models(args.models, device, dtype, audio=args.command == "audio",
-                                download=not args.no_download)
+    if device == "cpu" and dtype != torch.float32:
+        log.warning("--precision %s on the CPU is usually much slower than fp32 and less exact; use fp32",
+                    args.precision)
     crop = runner.CropSettings(crop=not args.no_crop, scale=args.crop_scale,
                                on_no_face="center" if args.center_crop_if_no_face else "error",
                                paste_back=args.paste_back, feather=args.feather,
-                               crop_driving=getattr(args, "crop_driving", False))
+                               crop_driving=getattr(args, "crop_driving", False),
+                               no_face_hint="add --center-crop-if-no-face to use the centred square, or crop "
+                                            "the photo yourself")
+    # Every check that needs no model runs first: a mistake costs seconds, not a model load.
+    if args.command == "audio":
+        controls = {name: runner.load_controls(getattr(args, name), width, name)
+                    for name, width in (("pose", 3), ("cam", 3), ("gaze", 2))}
+        runner.check_audio_job(args.image, args.audio, args.output, crop, seed=args.seed, steps=args.steps,
+                               cfg_scale=args.cfg, batch_size=args.batch_size, noise=args.noise,
+                               control_paths=(args.pose, args.cam, args.gaze))
+    else:
+        runner.check_video_job(args.image, args.driving, args.output, crop, batch_size=args.batch_size)
+    models = runner.load_models(args.models, device, dtype, audio=args.command == "audio",
+                                download=not args.no_download)
     bars = _Bars()
     try:
         if args.command == "audio":
             out = runner.audio_to_video(
                 models, args.image, args.audio, args.output, crop, seed=args.seed, steps=args.steps,
-                cfg_scale=args.cfg, pose=runner.load_controls(args.pose, 3, "pose"),
-                cam=runner.load_controls(args.cam, 3, "cam"), gaze=runner.load_controls(args.gaze, 2, "gaze"),
-                batch_size=args.batch_size, noise=args.noise, noise_device=device if args.noise_on_device else "cpu",
+                cfg_scale=args.cfg, **controls, batch_size=args.batch_size, noise=args.noise, noise_device=device if args.noise_on_device else "cpu",
                 progress=bars)
         else:
             out = runner.video_to_video(models, args.image, args.driving, args.output, crop,
@@ -155,14 +169,51 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    0 done; 1 `models` found files missing; 2 a problem the user can fix (logged); 130 Ctrl+C;
+    128 + the signal number when stopped by SIGTERM (143: timeout, `docker stop`) or SIGHUP
+    (129: the terminal closed). While the command runs, SIGTERM and SIGHUP (where the platform
+    has them) raise KeyboardInterrupt like Ctrl+C, so the video writer deletes its partial file
+    on the way out; a repeat of the signal during that cleanup is ignored, and the previous
+    handlers are restored before returning. Python only lets the main thread set handlers, so
+    from any other thread the signals keep their previous behaviour.
+    """
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    received: list[int] = []
+    running = [True]
+
+    def stop(signum: int, frame: object) -> None:
+        if received or not running[0]:
+            log.debug("ignoring %s: already stopping", signal.Signals(signum).name)
+            return
+        received.append(signum)
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous: dict[int, object] = {}
     try:
+        if threading.current_thread() is threading.main_thread():
+            for name in ("SIGTERM", "SIGHUP"):
+                number = getattr(signal, name, None)
+                if number is not None:
+                    previous[number] = signal.signal(number, stop)
         return run(args)
     except IMTalkerError as err:
         log.error("%s", err)
         return 2
     except KeyboardInterrupt:
+        if received:
+            log.error("stopped by %s; no partial output was left", signal.Signals(received[0]).name)
+            return 128 + received[0]
         log.error("interrupted; no partial output was left under the output name")
         return 130
+    finally:
+        running[0] = False
+        for number, handler in previous.items():
+            # getsignal/signal give None for a handler not set from Python; the default is the best guess.
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)

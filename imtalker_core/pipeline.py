@@ -14,15 +14,17 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import InputError
+from .errors import IMTalkerError, InputError
 from .generator import MotionGenerator
 from .renderer import IMTRenderer
 from .sampling import NOISE_MODES
+from .validation import check_batch_size, check_cfg, check_control, check_seed, check_steps
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 Interrupt = Callable[[], None]
+RENDERER_CAUSES = "damaged renderer weights, or fp16 overflow (try --precision fp32 / precision fp32)"
 
 
 @dataclass
@@ -51,8 +53,21 @@ def _model_place(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
+#: Image values may stray this far outside [0, 1] (resampling overshoot) before they count as wrong.
+IMAGE_RANGE_SLACK = 1e-3
+
+
 def check_images(images: torch.Tensor, size: int, name: str = "images") -> torch.Tensor:
-    """Validate `[B, 3, size, size]` images in [0, 1]; a 3-D tensor is taken as one image."""
+    """Validate `[B, 3, size, size]` float images in [0, 1]; a 3-D tensor is taken as one image.
+
+    numpy arrays are refused (their layout is usually `[H, W, 3]`): convert them with
+    `imtalker_core.media.images.to_model_input`. Returns the images contiguous (see below).
+    """
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"{name} must be a torch tensor [B, 3, {size}, {size}], got {type(images).__name__}; "
+                         "convert an [H, W, 3] picture with imtalker_core.media.images.to_model_input")
+    if not images.is_floating_point():
+        raise InputError(f"{name} must be float values in [0, 1], got {images.dtype}; divide 8-bit images by 255")
     if images.dim() == 3:
         images = images[None]
     if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (size, size):
@@ -62,10 +77,38 @@ def check_images(images: torch.Tensor, size: int, name: str = "images") -> torch
         raise InputError(f"{name} is an empty batch")
     if not torch.isfinite(images).all():
         raise InputError(f"{name} contains NaN or infinite values")
+    low, high = images.min().item(), images.max().item()
+    if low < -IMAGE_RANGE_SLACK or high > 1 + IMAGE_RANGE_SLACK:
+        hint = "divide by 255" if high > 2 else "map [-1, 1] to [0, 1] with (x + 1) / 2" if low < 0 else "clamp them"
+        raise InputError(f"{name} must be in [0, 1], got values from {low:.3g} to {high:.3g}; {hint}")
     # One memory layout for every caller: a channels-last view (e.g. a permuted HWC image) makes the
     # convolutions pick other kernels, whose different summation order can flip near-tied anchor
     # argmax picks and so change whole 8x8 blocks of the frame.
     return images.contiguous()
+
+
+def check_motion(motion, latent_dim: int, name: str = "motion") -> torch.Tensor:
+    """Motion latents `[T, latent_dim]` (torch, numpy or lists), finite and not empty, as float32."""
+    try:
+        tensor = torch.as_tensor(motion)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InputError(f"{name} must be numbers shaped [frames, {latent_dim}]: {err}") from err
+    if tensor.dim() != 2 or tensor.shape[1] != latent_dim:
+        raise InputError(f"{name} must be [frames, {latent_dim}] latents, got {list(tensor.shape)}")
+    if tensor.shape[0] == 0:
+        raise InputError(f"{name} has no frames, so there is nothing to render")
+    if not tensor.is_floating_point():
+        tensor = tensor.float()
+    if not torch.isfinite(tensor).all():
+        raise InputError(f"{name} contains NaN or infinite values")
+    return tensor
+
+
+def check_finite_output(values: torch.Tensor, what: str, causes: str) -> None:
+    """Stop with an `IMTalkerError` when a model produced NaN/inf (`causes`: the likely reasons)."""
+    if not torch.isfinite(values).all():
+        raise IMTalkerError(f"the {what} came out as NaN or infinite values; likely cause: {causes}. "
+                            "Nothing was written.")
 
 
 @torch.no_grad()
@@ -78,6 +121,8 @@ def encode_identity(renderer: IMTRenderer, image: torch.Tensor) -> Identity:
     image = image.to(device=device, dtype=dtype)
     features, vector = renderer.encode_identity(image)
     motion = renderer.encode_motion(image)
+    check_finite_output(torch.cat([vector.flatten(), motion.flatten()]), "identity of the source image",
+                        RENDERER_CAUSES)
     maps = renderer.decode_motion(renderer.adapt(motion, vector))
     return Identity(features, vector, motion, maps)
 
@@ -88,6 +133,7 @@ def encode_motion(renderer: IMTRenderer, images: torch.Tensor, batch_size: int =
     """Motion latents `[T, latent_dim]` (float32, on the renderer's device) of driving frames
     `[T, 3, S, S]` in [0, 1]; frames may live on the CPU and are moved batch by batch."""
     images = check_images(images, renderer.cfg.image_size, "driving frames")
+    batch_size = check_batch_size(batch_size)
     device, dtype = _model_place(renderer)
     out = []
     for start in range(0, images.shape[0], batch_size):
@@ -95,20 +141,10 @@ def encode_motion(renderer: IMTRenderer, images: torch.Tensor, batch_size: int =
             check_interrupt()
         batch = images[start:start + batch_size].to(device=device, dtype=dtype)
         out.append(renderer.encode_motion(batch).float())
+        check_finite_output(out[-1], "motion of the driving frames", RENDERER_CAUSES)
         if callback is not None:
             callback(min(start + batch_size, images.shape[0]), images.shape[0])
     return torch.cat(out)
-
-
-def _check_control(seq: torch.Tensor | None, width: int, name: str) -> torch.Tensor | None:
-    if seq is None:
-        return None
-    seq = torch.as_tensor(seq, dtype=torch.float32)
-    if seq.dim() != 2 or seq.shape[1] != width:
-        raise InputError(f"{name} must be a [frames, {width}] sequence, got {list(seq.shape)}")
-    if not torch.isfinite(seq).all():
-        raise InputError(f"{name} contains NaN or infinite values")
-    return seq
 
 
 @torch.no_grad()
@@ -132,18 +168,18 @@ def generate_motion(generator: MotionGenerator, audio_features: torch.Tensor, re
         raise InputError(f"audio features must be [T, {cfg.audio_dim}], got {list(audio_features.shape)}")
     if not torch.isfinite(audio_features).all():
         raise InputError("audio features contain NaN or infinite values; check the audio clip")
-    if steps < 2:
-        raise InputError(f"steps={steps}: use at least 2 (the time grid includes both ends)")
+    steps, cfg_scale, seed = check_steps(steps), check_cfg(cfg_scale), check_seed(seed)
     if noise not in NOISE_MODES:
         raise InputError(f"noise={noise!r}: use one of {', '.join(NOISE_MODES)}")
-    reference_motion = torch.as_tensor(reference_motion).reshape(1, -1)
-    if reference_motion.shape[1] != cfg.motion_dim:
-        raise InputError(f"reference motion must have {cfg.motion_dim} values, got {reference_motion.shape[1]}")
+    reference_motion = check_motion(torch.as_tensor(reference_motion).reshape(1, -1), cfg.motion_dim,
+                                    "reference motion")
     sample = generator.sample(
         audio_features, reference_motion,
-        pose=_check_control(pose, cfg.pose_dim, "pose"), cam=_check_control(cam, cfg.cam_dim, "cam"),
-        gaze=_check_control(gaze, cfg.gaze_dim, "gaze"), cfg_scale=float(cfg_scale), steps=int(steps),
-        seed=int(seed), noise=noise, noise_device=noise_device, callback=callback, check_interrupt=check_interrupt)
+        pose=check_control(pose, cfg.pose_dim, "pose"), cam=check_control(cam, cfg.cam_dim, "cam"),
+        gaze=check_control(gaze, cfg.gaze_dim, "gaze"), cfg_scale=cfg_scale, steps=steps,
+        seed=seed, noise=noise, noise_device=noise_device, callback=callback, check_interrupt=check_interrupt)
+    check_finite_output(sample, "generated motion",
+                        "damaged generator weights, an extreme cfg scale or extreme pose/cam/gaze values")
     return sample[0].float()
 
 
@@ -156,10 +192,12 @@ def render_batches(renderer: IMTRenderer, identity: Identity, motion: torch.Tens
     Work is done `batch_size` frames at a time on the renderer's device and each batch leaves it
     as soon as it is done, so device memory does not grow with T.
     """
-    if motion.dim() != 2 or motion.shape[1] != renderer.cfg.latent_dim:
-        raise InputError(f"motion must be [frames, {renderer.cfg.latent_dim}] latents, got {list(motion.shape)}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    motion = check_motion(motion, renderer.cfg.latent_dim)
+    batch_size = check_batch_size(batch_size)
+    return _render_iter(renderer, identity, motion, batch_size, output_device, callback, check_interrupt)
+
+
+def _render_iter(renderer, identity, motion, batch_size, output_device, callback, check_interrupt):
     device, dtype = _model_place(renderer)
     identity = identity.to(device=device, dtype=dtype)
     total = motion.shape[0]
@@ -170,6 +208,7 @@ def render_batches(renderer: IMTRenderer, identity: Identity, motion: torch.Tens
         vector = identity.vector.expand(latents.shape[0], -1)
         maps = renderer.decode_motion(renderer.adapt(latents, vector))
         frames = renderer.render(maps, identity.motion_maps, identity.features).float()
+        check_finite_output(frames, f"frames {start}–{start + latents.shape[0] - 1}", RENDERER_CAUSES)
         yield frames.to(output_device) if output_device is not None else frames
         if callback is not None:
             callback(min(start + batch_size, total), total)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,12 +20,14 @@ import torch
 from . import model_files
 from .checkpoints import load_generator_and_audio_encoder, load_renderer
 from .errors import InputError
+from .sampling import NOISE_MODES
+from .validation import check_batch_size, check_cfg, check_control, check_fraction, check_seed, check_steps
 from .generator import MotionGenerator
 from .generator.audio import AudioEncoder
-from .media.audio import check_audio, load_audio, to_mono_16k
-from .media.face import CropBox, crop_box, crop_face, paste_back, stable_video_box
+from .media.audio import check_audio, load_audio, probe_audio, to_mono_16k
+from .media.face import CropBox, crop_box, crop_face, iter_paste_back, stable_video_box
 from .media.images import load_image, to_model_input
-from .media.video import VideoWriter, read_video, video_info
+from .media.video import VideoWriter, check_output_path, read_video, video_info
 from .pipeline import encode_identity, encode_motion, generate_motion, render_batches
 from .renderer import IMTRenderer
 
@@ -61,7 +64,8 @@ class CropSettings:
     """crop: find the face and crop around it (scale × the detected box); otherwise the whole image
     is resized to 512². crop_driving: also find the face in a driving video and crop one steady
     square around it; off by default, as in the reference app, so the whole frame is resized.
-    paste_back: composite the frames into the full original image/video frame."""
+    paste_back: composite the frames into the full original image/video frame. no_face_hint: what
+    the no-face error tells the user to do (the command line names its own flag)."""
 
     crop: bool = True
     scale: float = 1.6
@@ -69,6 +73,11 @@ class CropSettings:
     paste_back: bool = False
     feather: float = 0.1
     crop_driving: bool = False
+    no_face_hint: str | None = None
+
+
+def _no_face_hint(crop: CropSettings) -> dict:
+    return {} if crop.no_face_hint is None else {"no_face_hint": crop.no_face_hint}
 
 
 def load_controls(path: str | os.PathLike | None, width: int, name: str) -> torch.Tensor | None:
@@ -90,25 +99,76 @@ def load_controls(path: str | os.PathLike | None, width: int, name: str) -> torc
             if isinstance(data, dict):
                 key = {"pose": "pose_params", "cam": "cam"}.get(name, name)
                 if key not in data:
-                    raise InputError(f"{path.name} has no '{key}' entry (found {sorted(data)})")
+                    raise InputError(f"{path.name} has no '{key}' entry (found {sorted(map(str, data))})")
                 data = data[key]
         else:
             raise InputError(f"{name} file '{path.name}' must be .npy, .txt, .csv or .pt")
-    except (OSError, ValueError) as err:
+        data = np.asarray(data.numpy() if isinstance(data, torch.Tensor) else data, dtype=np.float32)
+    except pickle.UnpicklingError as err:
+        raise InputError(f"{name} file '{path.name}' holds Python objects or code we refuse to load; "
+                         "save the values as a tensor or array (.npy, .csv)") from err
+    except (OSError, ValueError, TypeError, RuntimeError, EOFError) as err:
         if isinstance(err, InputError):
             raise
-        raise InputError(f"cannot read {name} file '{path}': {err}") from err
-    seq = torch.as_tensor(np.asarray(data, dtype=np.float32))
-    if seq.dim() != 2 or seq.shape[1] != width:
-        raise InputError(f"{name} file '{path.name}' must hold a [frames, {width}] table, got {list(seq.shape)}")
-    return seq
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"cannot read {name} file '{path.name}' as numbers: {reason}") from err
+    return check_control(data, width, name)
+
+
+def check_crop(crop: CropSettings) -> None:
+    """Crop settings that can be wrong before any work: scale, feather, the no-face policy, and
+    paste-back without a crop (nothing to paste back into)."""
+    check_fraction(crop.scale, "crop scale", 0.5, 10.0)
+    check_fraction(crop.feather, "feather", 0.0, 0.5)
+    if crop.on_no_face not in ("error", "center"):
+        raise InputError(f"on_no_face must be 'error' or 'center', got {crop.on_no_face!r}")
+    if crop.paste_back and not crop.crop:
+        raise InputError("paste-back puts the face crop back into the photo, but cropping is off; "
+                         "drop --no-crop (or --paste-back)")
+
+
+def _check_source(image_path, crop: CropSettings) -> None:
+    """The portrait decodes and, when cropping, has a face (or a centre crop was asked for)."""
+    image = load_image(image_path)
+    if crop.crop:
+        crop_face(image, crop.scale, 64, on_no_face=crop.on_no_face, name=Path(image_path).name,
+                  **_no_face_hint(crop))
+
+
+def check_audio_job(image_path, audio_path, output_path, crop: CropSettings = CropSettings(), *, seed: int = 42,
+                    steps: int = 10, cfg_scale: float = 3.0, batch_size: int = 4, noise: str = "reference",
+                    control_paths: tuple = ()) -> Path:
+    """Everything about an audio-driven job that can be checked without a model, in a second or so:
+    the numbers, the crop settings, the output path (a writable file path that is none of the
+    inputs), the audio header, the portrait and its face. Returns the output path to write."""
+    check_seed(seed), check_steps(steps), check_cfg(cfg_scale), check_batch_size(batch_size)
+    if noise not in NOISE_MODES:
+        raise InputError(f"noise {noise!r}: use one of {', '.join(NOISE_MODES)}")
+    check_crop(crop)
+    inputs = [image_path, audio_path, *(p for p in control_paths if p is not None)]
+    output = check_output_path(output_path, inputs=inputs)
+    probe_audio(audio_path)
+    _check_source(image_path, crop)
+    return output
+
+
+def check_video_job(image_path, video_path, output_path, crop: CropSettings = CropSettings(), *,
+                    batch_size: int = 4) -> Path:
+    """As `check_audio_job`, for a video-driven job (the driving video's header instead of audio)."""
+    check_batch_size(batch_size)
+    check_crop(crop)
+    output = check_output_path(output_path, inputs=[image_path, video_path])
+    video_info(video_path)
+    _check_source(image_path, crop)
+    return output
 
 
 def _prepare_source(image_path, crop: CropSettings, size: int) -> tuple[torch.Tensor, np.ndarray, CropBox | None]:
     image = load_image(image_path)
     if not crop.crop:
         return to_model_input(image, size), image, None
-    face, box = crop_face(image, crop.scale, size, on_no_face=crop.on_no_face, name=Path(image_path).name)
+    face, box = crop_face(image, crop.scale, size, on_no_face=crop.on_no_face, name=Path(image_path).name,
+                          **_no_face_hint(crop))
     return to_model_input(face, size), image, box
 
 
@@ -121,9 +181,12 @@ def audio_to_video(models: Models, image_path: str | os.PathLike, audio_path: st
     """Portrait + speech → talking-face MP4 (25 fps, the audio muxed in). Returns the output path.
 
     The video has `ceil(seconds × 25)` frames; the audio track is the input audio unchanged.
+    Everything checkable is checked first (`check_audio_job`), so a mistake costs no model time.
     """
     if models.generator is None or models.audio_encoder is None:
         raise InputError("audio-driven generation needs the generator and wav2vec2; load them with audio=True")
+    output_path = check_audio_job(image_path, audio_path, output_path, crop, seed=seed, steps=steps,
+                                  cfg_scale=cfg_scale, batch_size=batch_size, noise=noise)
     fps = int(models.generator.cfg.fps)
     size = models.renderer.cfg.image_size
     waveform, rate = load_audio(audio_path)
@@ -153,7 +216,9 @@ def video_to_video(models: Models, image_path: str | os.PathLike, video_path: st
     Driving frames are resized whole to the model size, as the reference does; with
     `crop.crop_driving` they are cropped with one stable box for the whole clip (median face box)
     instead, so the face's own motion is kept and frames where the face is lost still count.
+    Everything checkable is checked first (`check_video_job`).
     """
+    output_path = check_video_job(image_path, video_path, output_path, crop, batch_size=batch_size)
     size = models.renderer.cfg.image_size
     info = video_info(video_path)
     source, original, box = _prepare_source(image_path, crop, size)
@@ -194,12 +259,18 @@ def video_to_video(models: Models, image_path: str | os.PathLike, video_path: st
 
 def _render_into(writer: VideoWriter, renderer: IMTRenderer, identity, motion: torch.Tensor, batch_size: int,
                  crop: CropSettings, box: CropBox | None, original: np.ndarray, progress: Progress | None) -> None:
-    """Render batch by batch into `writer`, pasting each batch back into the original if asked."""
+    """Render batch by batch into `writer`; with paste-back, frame by frame into one reused
+    full-size buffer, so memory does not grow with the batch or the photo's size beyond one frame."""
+    buffer = None
     for frames in render_batches(renderer, identity, motion, batch_size, callback=_stage(progress, "render")):
         frames = frames.permute(0, 2, 3, 1)
-        if crop.paste_back and box is not None:
-            frames = paste_back(frames, box, original, crop.feather)
-        writer.write(frames)
+        if not (crop.paste_back and box is not None):
+            writer.write(frames)
+            continue
+        if buffer is None:
+            buffer = np.empty((*original.shape[:2], 3), dtype=np.float32)
+        for full in iter_paste_back(frames, box, original, crop.feather, out=buffer):
+            writer.write(full)
 
 
 def _stage(progress: Progress | None, stage: str):

@@ -301,6 +301,14 @@ def output_directory() -> str:
     return os.path.abspath(os.environ.get(OUTPUT_ENV, "output"))
 
 
+def check_filename_prefix(filename_prefix: str) -> None:
+    """A prefix must name a file: not empty, and not ending in a folder separator or a dot."""
+    name = os.path.basename(filename_prefix.strip().replace("\\", "/").rstrip())
+    if not name or name in (".", "..") or filename_prefix.strip().endswith(("/", "\\")):
+        raise InputError(f"filename_prefix {filename_prefix!r} names no file; give a name such as "
+                         "'IMTalker/talking' (sub-folders allowed)")
+
+
 def next_output_path(filename_prefix: str, extension: str, width: int = 0, height: int = 0
                      ) -> tuple[str, str, str]:
     """A new `(full_path, filename, subfolder)` in the output folder, numbered like SaveVideo.
@@ -308,6 +316,7 @@ def next_output_path(filename_prefix: str, extension: str, width: int = 0, heigh
     `filename_prefix` may hold sub-folders and ComfyUI's %date% style variables; escaping the
     output folder is refused.
     """
+    check_filename_prefix(filename_prefix)
     folder_paths = _comfy("folder_paths")
     out_dir = output_directory()
     if folder_paths is not None:

@@ -106,9 +106,18 @@ class IMTalkerRenderToVideo:
                    "right away, so memory stays flat for long audio. Optionally pastes the face back into "
                    "the original photo and muxes the sound.")
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix):
+        try:
+            bridge.check_filename_prefix(filename_prefix)
+        except InputError as err:
+            return str(err)
+        return True
+
     def render(self, renderer: ManagedModel, identity: Identity, motion: Motion, filename_prefix: str,
                batch_size: int, audio: dict | None = None, crop: CropBox | None = None,
                original: torch.Tensor | None = None, feather: float = 0.1):
+        bridge.check_filename_prefix(filename_prefix)
         if (crop is None) != (original is None):
             raise InputError("IMTalker Render To Video: connect both 'crop' and 'original' to paste the face "
                              "back, or neither")

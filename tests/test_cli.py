@@ -96,7 +96,7 @@ def test_driving_video_is_cropped_only_when_asked(tmp_path, media_dir, monkeypat
     assert not (tmp_path / "x.mp4").exists()
 
 
-def test_crop_driving_flag(tmp_path, monkeypatch):
+def test_crop_driving_flag(tmp_path, monkeypatch, media_dir):
     captured = {}
 
     def fake_video_to_video(models, image, driving, output, crop, **kwargs):
@@ -105,7 +105,8 @@ def test_crop_driving_flag(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "load_models", lambda *args, **kwargs: None)
     monkeypatch.setattr(runner, "video_to_video", fake_video_to_video)
-    base = ["video", "face.png", "drive.mp4", "-o", str(tmp_path / "out.mp4"), "--device", "cpu"]
+    base = ["video", str(media_dir / "photo_512.png"), str(media_dir / "driving_short.mp4"), "-o",
+            str(tmp_path / "out.mp4"), "--device", "cpu"]
     assert cli.main(base) == 0
     assert captured.pop("crop").crop_driving is False
     assert cli.main(base + ["--crop-driving"]) == 0

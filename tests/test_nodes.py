@@ -510,3 +510,15 @@ def test_render_to_video_checks_originals_before_rendering(pack, sub, renderer, 
         node(pack, "IMTalkerRenderToVideo").render(renderer=renderer, identity=identity, motion=audio_motion[0],
                                                    filename_prefix="x", batch_size=1, crop=cropped[1],
                                                    original=photo.repeat(2, 1, 1, 1))
+
+
+@pytest.mark.parametrize("prefix", ["", "   ", "IMTalker/", "."])
+def test_render_to_video_refuses_a_prefix_without_a_name(pack, sub, renderer, identity, audio_motion, prefix,
+                                                         env_dirs):
+    cls = pack.NODE_CLASS_MAPPINGS["IMTalkerRenderToVideo"]
+    assert "names no file" in cls.VALIDATE_INPUTS(filename_prefix=prefix)
+    assert cls.VALIDATE_INPUTS(filename_prefix="IMTalker/talking") is True
+    with pytest.raises(sub("imtalker_core.errors").InputError, match="names no file"):
+        node(pack, "IMTalkerRenderToVideo").render(renderer=renderer, identity=identity, motion=audio_motion[0],
+                                                   filename_prefix=prefix, batch_size=1)
+    assert not [p for p in env_dirs[1].rglob("*") if p.name.startswith(".")]

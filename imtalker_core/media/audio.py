@@ -55,6 +55,30 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return waveform, int(rate)
 
 
+def probe_audio(path: str | os.PathLike) -> tuple[int, int]:
+    """``(sample_rate, channels)`` of an audio file (or a video's sound track) from its header only.
+
+    A cheap check before any model loads: raises `InputError` like `load_audio` for a missing file,
+    one neither soundfile nor FFmpeg can open, or one without an audio stream.
+    """
+    path = existing_file(path, "audio")
+    try:
+        info = soundfile.info(str(path))
+        return int(info.samplerate), int(info.channels)
+    except RuntimeError:  # not a libsndfile format: ask FFmpeg
+        pass
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as exc:
+        raise InputError(f"Could not read audio from '{path.name}': {exc}. Use WAV, FLAC, OGG, MP3, M4A/AAC, "
+                         "or a video file with a sound track.") from exc
+    with container:
+        if not container.streams.audio:
+            raise InputError(f"'{path.name}' has no audio stream; give a file with sound.")
+        stream = container.streams.audio[0]
+        return int(stream.rate or 0), int(stream.channels or 0)
+
+
 def _load_with_pyav(path: Path) -> tuple[np.ndarray, int]:
     """Decode the first audio stream with FFmpeg into float32 ``[C, S]``."""
     try:
