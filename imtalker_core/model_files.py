@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
 
 from .errors import InputError
 
@@ -90,12 +93,32 @@ def ensure_models(models_dir: str | os.PathLike | None = None, download: bool = 
     return root
 
 
-def fetch(root: str | os.PathLike, names: list[str] | tuple[str, ...]) -> None:
+#: Seconds to wait for the hub's server before deciding the machine is offline.
+CONNECT_TIMEOUT = 3.0
+
+
+def _hub_reachable(timeout: float = CONNECT_TIMEOUT) -> bool:
+    """Whether the hub's host (`HF_ENDPOINT`, default huggingface.co) accepts a connection in time."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError as err:
+        log.debug("hub %s:%s not reachable: %s", endpoint.hostname, port, err)
+        return False
+
+
+def fetch(root: str | os.PathLike, names: list[str] | tuple[str, ...],
+          progress: Callable[[int, int], None] | None = None) -> None:
     """Download official files (`OFFICIAL_FILES` names) from the authors' repository into `root`.
 
-    Uses `huggingface_hub`, so `HF_ENDPOINT`, `HF_HOME` and `HF_HUB_OFFLINE` are respected. A
-    wav2vec2 file brings the optional `feature_extractor_config.json` along. Offline or on failure,
-    `InputError` names the files and the folder to place them in by hand.
+    Uses `huggingface_hub`, so `HF_ENDPOINT`, `HF_HOME` and `HF_HUB_OFFLINE` are respected (its
+    own byte-level bars show on a terminal); `progress(files_done, files_total)` is called before
+    the first file and after each one. A wav2vec2 file brings the optional
+    `feature_extractor_config.json` along. Offline (the variables above, or the hub not answering
+    within `CONNECT_TIMEOUT` seconds) or on failure, `InputError` names the files and the folder to
+    place them in by hand.
     """
     root = Path(root)
     unknown = [n for n in names if n not in OFFICIAL_FILES]
@@ -107,12 +130,17 @@ def fetch(root: str | os.PathLike, names: list[str] | tuple[str, ...]) -> None:
         from huggingface_hub import hf_hub_download
     except ImportError as err:
         raise InputError(placement_help(root, list(names)) + " (huggingface_hub is not installed)") from err
+    if not _hub_reachable():
+        raise InputError(placement_help(root, list(names)) + f" (the hub did not answer within {CONNECT_TIMEOUT:g} s: "
+                         "offline? set HF_ENDPOINT for a mirror)")
     root.mkdir(parents=True, exist_ok=True)
     optional = f"{WAV2VEC2_DIR}/feature_extractor_config.json"
     wanted = list(names) + ([optional] if any(n.startswith(WAV2VEC2_DIR) for n in names) and optional not in names
                             else [])
-    for name in wanted:
-        log.info("downloading %s from %s into %s", name, HF_REPO, root)
+    if progress is not None:
+        progress(0, len(wanted))
+    for done, name in enumerate(wanted, start=1):
+        log.info("downloading %s from %s into %s (%d of %d)", name, HF_REPO, root, done, len(wanted))
         try:
             hf_hub_download(repo_id=HF_REPO, filename=name, local_dir=root)
         except Exception as err:  # noqa: BLE001 - network errors come in many types; re-raised with context
@@ -121,6 +149,9 @@ def fetch(root: str | os.PathLike, names: list[str] | tuple[str, ...]) -> None:
                 continue
             raise InputError(f"could not download {name} from {HF_URL} ({err}). "
                              + placement_help(root, [n for n in names if not (root / n).is_file()])) from err
+        finally:
+            if progress is not None:
+                progress(done, len(wanted))
 
 
 def model_path(models_dir: Path, name: str) -> Path:

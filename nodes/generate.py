@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import math
 
-import numpy as np
 import torch
 
 from ..imtalker_core.media.audio import check_audio, to_mono_16k
@@ -19,13 +18,13 @@ log = logging.getLogger(__name__)
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 
 
-def pad_to_frames(waveform_16k: np.ndarray, frames: int, samples_per_frame: int) -> np.ndarray:
-    """`[S]` → `[frames * samples_per_frame]`, extended by repeating the last sample (as the
-    audio encoder does) or cut; so the returned clip is exactly the audio the motion covers."""
-    target = frames * samples_per_frame
-    if waveform_16k.shape[0] >= target:
-        return waveform_16k[:target]
-    return np.pad(waveform_16k, (0, target - waveform_16k.shape[0]), mode="edge")
+def fit_to_frames(waveform: torch.Tensor, sample_rate: int, frames: int, fps: float) -> torch.Tensor:
+    """`[C, S]` audio at its own rate cut or padded (with silence) to exactly `frames` video frames,
+    i.e. `round(frames * sample_rate / fps)` samples, so the sound track ends with the last frame."""
+    target = round(frames * sample_rate / fps)
+    if waveform.shape[-1] >= target:
+        return waveform[..., :target]
+    return torch.nn.functional.pad(waveform, (0, target - waveform.shape[-1]))
 
 
 class IMTalkerAudioToMotion:
@@ -65,7 +64,8 @@ class IMTalkerAudioToMotion:
     RETURN_NAMES = ("motion", "audio", "fps")
     OUTPUT_TOOLTIPS = (
         "One motion latent per video frame (25 fps).",
-        "The audio exactly as used: 16 kHz mono, as long as the frames (for Create Video / Render To Video).",
+        "Your audio as given (its sample rate and channels), cut or padded with silence to exactly the video's "
+        "length (for Create Video / Render To Video). The model's 16 kHz mono copy stays internal.",
         "The video frame rate (25).",
     )
     FUNCTION = "generate"
@@ -91,5 +91,5 @@ class IMTalkerAudioToMotion:
             model, features, identity.motion, pose=controls.pose, cam=controls.cam, gaze=controls.gaze,
             cfg_scale=cfg_scale, steps=steps, seed=seed, noise=noise, noise_device="cpu",
             callback=bridge.Progress(windows * steps, "generating motion"), check_interrupt=bridge.check_interrupt)
-        used_audio = bridge.make_audio(pad_to_frames(speech, frames, encoder.samples_per_frame), rate)
-        return (Motion(latents.cpu(), float(fps)), used_audio, float(fps))
+        sound = bridge.make_audio(fit_to_frames(waveform, sample_rate, frames, fps), sample_rate)
+        return (Motion(latents.cpu(), float(fps)), sound, float(fps))

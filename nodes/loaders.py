@@ -56,7 +56,7 @@ def _fetch_if_missing(names: list[str], download: bool) -> None:
     if download and missing:
         target = bridge.download_folder()
         log.info("IMTalker: downloading %s into %s (first use)", ", ".join(missing), target)
-        model_files.fetch(target, missing)
+        model_files.fetch(target, missing, progress=bridge.Progress(len(missing), "downloading model files"))
 
 
 class IMTalkerLoadRenderer:

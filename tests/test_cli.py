@@ -166,6 +166,7 @@ def test_models_are_downloaded_once_when_missing(tmp_path, monkeypatch):
         return str(target)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(model_files, "_hub_reachable", lambda timeout=None: True)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     root = model_files.ensure_models(tmp_path / "models", download=True)
     assert model_files.missing_files(root) == []
@@ -194,3 +195,40 @@ def test_noise_option_defaults_to_the_reference_schedule():
     assert args.noise == "fixed_per_window"
     with pytest.raises(SystemExit):
         parser.parse_args(["audio", "face.png", "speech.wav", "-o", "talk.mp4", "--noise", "same"])
+
+
+def test_download_progress_counts_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from imtalker_core import model_files
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename, local_dir: (tmp_path / filename).write_bytes(b"x"))
+    monkeypatch.setattr(model_files, "_hub_reachable", lambda timeout=None: True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    seen = []
+    model_files.fetch(tmp_path, ["renderer.ckpt", "generator.ckpt"], progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(0, 2), (1, 2), (2, 2)]
+
+
+def test_unreachable_hub_is_decided_quickly(tmp_path, monkeypatch):
+    """No network: one connection attempt with a short timeout, then the placement message."""
+    import socket
+    import time
+
+    from imtalker_core import model_files
+
+    attempts = []
+
+    def refuse(address, timeout=None):
+        attempts.append((address, timeout))
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example:8443")
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=r"renderer\.ckpt.*did not answer within 3 s"):
+        model_files.fetch(tmp_path, ["renderer.ckpt"])
+    assert time.perf_counter() - start < 1
+    assert attempts == [(("mirror.example", 8443), model_files.CONNECT_TIMEOUT)]

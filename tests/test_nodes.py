@@ -319,7 +319,7 @@ def test_loaders_download_official_files_on_first_use(pack, sub, standin_dir, tm
     model_files = sub("imtalker_core.model_files")
     fetched = []
 
-    def fake_fetch(root, names):  # stands for the hub: copies the stand-in files
+    def fake_fetch(root, names, progress=None):  # stands for the hub: copies the stand-in files
         fetched.extend(names)
         for name in names:
             source = standin_dir / name
@@ -436,7 +436,11 @@ def test_audio_to_motion(audio_motion, pack, generator, identity, media_dir, sub
     motion, audio, fps = audio_motion
     assert fps == 25.0 and motion.fps == 25.0
     assert motion.latents.shape == (3, 32) and motion.latents.dtype == torch.float32  # ceil(0.1 s × 25)
-    assert audio["sample_rate"] == 16000 and audio["waveform"].shape == (1, 1, 3 * 640)
+    # The user's own audio (44.1 kHz stereo), padded with silence to exactly 3 frames = 0.12 s.
+    source = comfy_audio(media_dir / "speech_44k_stereo.wav", 0.1)
+    assert audio["sample_rate"] == 44100 and audio["waveform"].shape == (1, 2, 3 * 44100 // 25)
+    assert torch.equal(audio["waveform"][..., :4410], source["waveform"][..., :4410])
+    assert not audio["waveform"][..., 4410:].any()
     # Same seed, same motion; the optional controls are accepted.
     controls = sub("nodes.types").Controls(pose=torch.zeros(3, 3))
     again, _, _ = run(pack, "IMTalkerAudioToMotion", generator=generator, identity=identity,
