@@ -112,19 +112,42 @@ def check_finite_output(values: torch.Tensor, what: str, causes: str) -> None:
 
 
 @torch.no_grad()
-def encode_identity(renderer: IMTRenderer, image: torch.Tensor) -> Identity:
-    """Encode one source image `[1, 3, S, S]` (or `[3, S, S]`) in [0, 1]."""
+def encode_identity(renderer: IMTRenderer, image: torch.Tensor, callback: Progress | None = None,
+                    check_interrupt: Interrupt | None = None) -> Identity:
+    """Encode one source image `[1, 3, S, S]` (or `[3, S, S]`) in [0, 1].
+
+    Three stages (identity features, motion latent, motion maps): `callback(done, 3)` after each,
+    `check_interrupt()` before each.
+    """
     image = check_images(image, renderer.cfg.image_size, "source image")
     if image.shape[0] != 1:
         raise InputError(f"encode one source image at a time, got a batch of {image.shape[0]}")
     device, dtype = _model_place(renderer)
     image = image.to(device=device, dtype=dtype)
-    features, vector = renderer.encode_identity(image)
-    motion = renderer.encode_motion(image)
+    stage = _Stages(3, callback, check_interrupt)
+    features, vector = stage(renderer.encode_identity, image)
+    motion = stage(renderer.encode_motion, image)
     check_finite_output(torch.cat([vector.flatten(), motion.flatten()]), "identity of the source image",
                         RENDERER_CAUSES)
-    maps = renderer.decode_motion(renderer.adapt(motion, vector))
+    maps = stage(lambda: renderer.decode_motion(renderer.adapt(motion, vector)))
     return Identity(features, vector, motion, maps)
+
+
+class _Stages:
+    """Runs the stages of one call: an interrupt check before each, a progress report after each."""
+
+    def __init__(self, total: int, callback: Progress | None, check_interrupt: Interrupt | None):
+        self.total, self.done = total, 0
+        self.callback, self.check_interrupt = callback, check_interrupt
+
+    def __call__(self, fn, *args):
+        if self.check_interrupt is not None:
+            self.check_interrupt()
+        result = fn(*args)
+        self.done += 1
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+        return result
 
 
 @torch.no_grad()
@@ -207,6 +230,8 @@ def _render_iter(renderer, identity, motion, batch_size, output_device, callback
         latents = motion[start:start + batch_size].to(device=device, dtype=dtype)
         vector = identity.vector.expand(latents.shape[0], -1)
         maps = renderer.decode_motion(renderer.adapt(latents, vector))
+        if check_interrupt is not None:  # the synthesis is most of a frame's time: a second cancel point
+            check_interrupt()
         frames = renderer.render(maps, identity.motion_maps, identity.features).float()
         check_finite_output(frames, f"frames {start}–{start + latents.shape[0] - 1}", RENDERER_CAUSES)
         yield frames.to(output_device) if output_device is not None else frames

@@ -271,3 +271,32 @@ def test_controls_warn_beyond_typical_and_refuse_absurd(caplog):
     assert "beyond its typical range" in caplog.text
     with pytest.raises(InputError, match="degrees|radians"):
         check_control(np.full((4, 3), 90.0, np.float32), 3, "pose")
+
+
+def test_identity_encoding_reports_progress_and_can_be_cancelled(tiny_renderer):
+    seen = []
+    encode_identity(tiny_renderer, torch.rand(1, 3, 128, 128), callback=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+    class Cancelled(Exception):
+        pass
+
+    calls = []
+
+    def cancel_on_second_check():
+        calls.append(1)
+        if len(calls) == 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        encode_identity(tiny_renderer, torch.rand(1, 3, 128, 128), check_interrupt=cancel_on_second_check)
+
+
+def test_render_checks_for_cancel_before_the_synthesis_of_each_batch(tiny_renderer, monkeypatch):
+    identity = encode_identity(tiny_renderer, torch.rand(1, 3, 128, 128))
+    events = []
+    real_render = tiny_renderer.render
+    monkeypatch.setattr(tiny_renderer, "render", lambda *a: events.append("render") or real_render(*a))
+    render_frames(tiny_renderer, identity, torch.zeros(2, 32), batch_size=1,
+                  check_interrupt=lambda: events.append("check"))
+    assert events == ["check", "check", "render", "check", "check", "render"]
