@@ -18,13 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+from rss import peak_rss_mb  # beside this script
 
 
 def child(seconds: float, models: Path, out_dir: Path, render: bool) -> dict:

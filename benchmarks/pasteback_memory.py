@@ -26,15 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rss import peak_rss_mb  # beside this script
+
 CASES = ("output_only", "legacy", "paste_back", "frame_only", "iter_fresh", "iter_buffer")
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def legacy_paste_back(frames, box, original, feather=0.1, chunk=16):

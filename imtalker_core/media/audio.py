@@ -67,30 +67,29 @@ def probe_audio(path: str | os.PathLike) -> tuple[int, int]:
         return int(info.samplerate), int(info.channels)
     except RuntimeError:  # not a libsndfile format: ask FFmpeg
         pass
+    container, stream = _open_audio_stream(path)
+    with container:
+        return int(stream.rate or 0), int(stream.channels or 0)
+
+
+def _open_audio_stream(path: Path):
+    """`(container, first audio stream)` opened with FFmpeg; `InputError` when there is none."""
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError) as exc:
         raise InputError(f"Could not read audio from '{path.name}': {exc}. Use WAV, FLAC, OGG, MP3, M4A/AAC, "
                          "or a video file with a sound track.") from exc
-    with container:
-        if not container.streams.audio:
-            raise InputError(f"'{path.name}' has no audio stream; give a file with sound.")
-        stream = container.streams.audio[0]
-        return int(stream.rate or 0), int(stream.channels or 0)
+    if not container.streams.audio:
+        container.close()
+        raise InputError(f"'{path.name}' has no audio stream; give a file with sound "
+                         "(a video without a sound track cannot drive the face).")
+    return container, container.streams.audio[0]
 
 
 def _load_with_pyav(path: Path) -> tuple[np.ndarray, int]:
     """Decode the first audio stream with FFmpeg into float32 ``[C, S]``."""
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError) as exc:
-        raise InputError(f"Could not read audio from '{path.name}': {exc}. Use WAV, FLAC, OGG, MP3, M4A/AAC, "
-                         "or a video file with a sound track.") from exc
+    container, stream = _open_audio_stream(path)
     with container:
-        if not container.streams.audio:
-            raise InputError(f"'{path.name}' has no audio stream; give a file with sound "
-                             "(a video without a sound track cannot drive the face).")
-        stream = container.streams.audio[0]
         # Planar float output gives [C, S] per frame; layout and rate stay as decoded.
         resampler = av.AudioResampler(format="fltp")
         chunks: list[np.ndarray] = []
