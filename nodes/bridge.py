@@ -301,6 +301,12 @@ def output_directory() -> str:
     return os.path.abspath(os.environ.get(OUTPUT_ENV, "output"))
 
 
+def input_directory() -> str | None:
+    """ComfyUI's input folder (what LoadImage/LoadAudio/LoadVideo read); None standalone."""
+    folder_paths = _comfy("folder_paths")
+    return folder_paths.get_input_directory() if folder_paths is not None else None
+
+
 def check_filename_prefix(filename_prefix: str) -> None:
     """A prefix must name a file: not empty, and not ending in a folder separator or a dot."""
     name = os.path.basename(filename_prefix.strip().replace("\\", "/").rstrip())
@@ -332,6 +338,140 @@ def next_output_path(filename_prefix: str, extension: str, width: int = 0, heigh
     os.makedirs(folder, exist_ok=True)
     filename = f"{name}_{counter:05}_.{extension}"
     return os.path.join(folder, filename), filename, subfolder
+
+
+# --------------------------------------------------------------------------------------------
+# Input videos (IMTalker Video To Motion)
+# --------------------------------------------------------------------------------------------
+
+INPUT_ENV = "IMTALKER_INPUT_DIR"
+# Listed even where the system's MIME table lacks them (LoadVideo lists by MIME type only).
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv",
+                              ".flv", ".ts", ".mts", ".m2ts", ".3gp"})
+
+
+def video_input_folder() -> str | None:
+    """Where driving videos are listed from: ComfyUI's input folder; standalone `$IMTALKER_INPUT_DIR`
+    (None when unset)."""
+    root = input_directory() or os.environ.get(INPUT_ENV) or None
+    return os.path.abspath(root) if root else None
+
+
+def _is_video_file(name: str) -> bool:
+    import mimetypes
+
+    if name.startswith("."):
+        return False
+    if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS:
+        return True
+    mime, _ = mimetypes.guess_type(name, strict=False)
+    return bool(mime and mime.startswith("video/"))
+
+
+def list_input_videos() -> list[str]:
+    """Video files in the input folder and in its sub-folders one level down ('sub/name.mp4'), sorted.
+
+    Like core Load Video's list (by file type), plus one level of sub-folders so that e.g.
+    `imtalker_examples/driving_short.mp4` is offered. Empty when there is no input folder.
+    """
+    root = video_input_folder()
+    if root is None or not os.path.isdir(root):
+        return []
+    names = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            if entry.is_file() and _is_video_file(entry.name):
+                names.append(entry.name)
+            elif entry.is_dir() and not entry.name.startswith("."):
+                names.extend(f"{entry.name}/{sub.name}" for sub in os.scandir(entry.path)
+                             if sub.is_file() and _is_video_file(sub.name))
+        except OSError:  # an unreadable sub-folder does not hide the rest
+            continue
+    return sorted(names)
+
+
+def input_path(name: str) -> str:
+    """Full path of input-folder file `name` (as `list_input_videos` names it).
+
+    Inside ComfyUI the annotations of its file widgets (`'clip.mp4 [output]'`, `[temp]`, `[input]`)
+    pick the folder, as for core Load Video. A name that leaves its folder, or a missing file, raises
+    FileNotFoundError naming the folder.
+    """
+    folder_paths = _comfy("folder_paths")
+    bare, base = name, None
+    if folder_paths is not None:
+        annotated = getattr(folder_paths, "annotated_filepath", None)
+        if annotated is not None:
+            bare, base = annotated(name)
+    base = base or video_input_folder()
+    if not base:
+        raise FileNotFoundError(f"no input folder to find '{name}' in: set ${INPUT_ENV} outside ComfyUI, "
+                                "or give the video's full path")
+    path = _inside(base, bare) if bare else None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"the video '{name}' is not a file in the input folder {base}; upload it or "
+                                "choose another one (press R to refresh the list)")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Notices shown to the user
+# --------------------------------------------------------------------------------------------
+
+# The notices of each (prompt, node) shown so far: the frontend shows one text per node, so a node's
+# notices of one run are shown together. Only the latest few runs/nodes are kept.
+_NOTICES: dict[tuple[str, str], list[str]] = {}
+_NOTICE_KEYS_KEPT = 32
+_NOTICE_LINES_SHOWN = 6
+
+
+def notify(message: str, level: int | str = logging.WARNING) -> None:
+    """Tell the user `message`: in the log at `level` always, and inside ComfyUI also on the node.
+
+    Inside ComfyUI the text appears on the node that is running, through ComfyUI's own progress-text
+    message (`PromptServer.send_progress_text`, the one core's Get Image Size uses; the frontend shows
+    it under the node's widgets, no web extension needed), prefixed with a warning sign at WARNING
+    and above. Several notices of one node in one run are shown together (the latest few). Standalone
+    (or if ComfyUI's server cannot be reached) it is the log line only. Never raises for the display.
+    `level` is a `logging` level number or name ("warning", "info", ...).
+    """
+    if isinstance(level, str):
+        number = logging.getLevelName(level.upper())
+        level = number if isinstance(number, int) else logging.WARNING
+    log.log(level, "%s", message)
+    if not inside_comfyui():
+        return
+    try:
+        _show_on_node(message, level)
+    except Exception as err:  # noqa: BLE001 - the log line above is the fallback
+        log.debug("could not show the notice in ComfyUI's interface: %s", err)
+
+
+def _show_on_node(message: str, level: int) -> None:
+    server = _comfy("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None or not hasattr(instance, "send_progress_text"):
+        return
+    context = None
+    try:
+        context = _comfy("comfy_execution.utils").get_executing_context()
+    except (ComfyUnavailableError, AttributeError):
+        pass
+    node_id = context.node_id if context is not None else getattr(instance, "last_node_id", None)
+    if node_id is None:
+        return
+    prompt_id = context.prompt_id if context is not None else getattr(instance, "last_prompt_id", None)
+    key = (str(prompt_id), str(node_id))
+    if key not in _NOTICES and len(_NOTICES) >= _NOTICE_KEYS_KEPT:
+        del _NOTICES[next(iter(_NOTICES))]
+    lines = _NOTICES.setdefault(key, [])
+    lines.append(("⚠ " if level >= logging.WARNING else "") + message)
+    del lines[:-_NOTICE_LINES_SHOWN]
+    instance.send_progress_text("\n\n".join(lines), str(node_id), getattr(instance, "client_id", None))
 
 
 # --------------------------------------------------------------------------------------------

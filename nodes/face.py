@@ -36,20 +36,54 @@ def check_originals(originals: torch.Tensor, box: CropBox, frames: int) -> torch
 
 
 def paste_into(frames: torch.Tensor, box: CropBox, originals: torch.Tensor, feather: float,
-               first_index: int = 0) -> torch.Tensor:
+               first_index: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """Paste crops `[T, S, S, 3]` into originals (from `check_originals`): `[T, H, W, 3]` float32 CPU.
 
     With one original per frame, frame i of this batch goes into original `first_index + i`, so a
-    streamed batch lands in the right frames of a video.
+    streamed batch lands in the right frames of a video. `out`: a float32 CPU `[T, H, W, 3]` tensor
+    (a view of a larger canvas is fine) to write into instead of allocating; it is returned.
     """
     frames = frames.cpu()
     if originals.shape[0] == 1:
-        return paste_back(frames, box, originals[0], feather)
+        return paste_back(frames, box, originals[0], feather, out=out)
     # Each frame is pasted straight into its slot of the result: no per-frame copies to stack.
-    out = torch.empty((frames.shape[0], box.image_h, box.image_w, 3), dtype=torch.float32)
+    if out is None:
+        out = torch.empty((frames.shape[0], box.image_h, box.image_w, 3), dtype=torch.float32)
     for i, frame in enumerate(frames):
         paste_back(frame, box, originals[first_index + i], feather, out=out[i])
     return out
+
+
+# Video encoders (H.264 in yuv420p, as SaveVideo writes) need even widths and heights.
+PAD_TO_EVEN_INPUT = ("BOOLEAN", {
+    "default": True,
+    "tooltip": "Make the width and height even by repeating the last column/row once where needed (a "
+               "511×383 photo gives 512×384 frames), so Save Video (H.264) accepts the frames. Logged when "
+               "it pads."})
+
+
+def even_canvas(count: int, height: int, width: int, pad_to_even: bool, what: str,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialised float32 IMAGE `[count, H', W', 3]` for frames of `height` x `width`.
+
+    With `pad_to_even` H' and W' are rounded up to even numbers (logged when that pads); fill the
+    `[:, :height, :width]` part, then call `fill_even_padding`.
+    """
+    padded_h, padded_w = (height + height % 2, width + width % 2) if pad_to_even else (height, width)
+    if (padded_h, padded_w) != (height, width):
+        log.info("%s: the frames are %dx%d; padded to %dx%d (last column/row repeated) so video encoders "
+                 "accept them (pad_to_even)", what, width, height, padded_w, padded_h)
+    return torch.empty((count, padded_h, padded_w, 3), dtype=torch.float32, device=device)
+
+
+def fill_even_padding(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Fill the padding of an `even_canvas` by edge replication: rows below `height` repeat row
+    `height - 1`, columns right of `width` repeat column `width - 1`. In place; returns `frames`."""
+    if frames.shape[1] > height:
+        frames[:, height:, :width] = frames[:, height - 1:height, :width]
+    if frames.shape[2] > width:
+        frames[:, :, width:] = frames[:, :, width - 1:width]
+    return frames
 
 
 class IMTalkerCropFace:
@@ -115,17 +149,26 @@ class IMTalkerPasteBack:
                     "default": 0.1, "min": 0.0, "max": 0.5, "step": 0.01,
                     "tooltip": "Width of the soft blend at the crop's edge, as a fraction of the crop side "
                                "(0 = hard edge)."}),
-            }
+            },
+            "optional": {
+                "pad_to_even": PAD_TO_EVEN_INPUT,
+            },
         }
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
-    OUTPUT_TOOLTIPS = ("Full-size frames: the original with the animated face blended in.",)
+    OUTPUT_TOOLTIPS = ("Full-size frames: the original with the animated face blended in (one column/row "
+                       "larger where the original's size is odd and pad_to_even is on).",)
     FUNCTION = "paste"
     CATEGORY = "IMTalker/face"
     DESCRIPTION = "Blends generated face frames back into the original image at the crop position."
 
-    def paste(self, frames: torch.Tensor, crop: CropBox, original: torch.Tensor, feather: float):
+    def paste(self, frames: torch.Tensor, crop: CropBox, original: torch.Tensor, feather: float,
+              pad_to_even: bool = True):
         frames = bridge.image_batch(frames, "frames")
         originals = check_originals(original, crop, frames.shape[0])
-        return (paste_into(frames, crop, originals, feather),)
+        height, width = crop.image_h, crop.image_w
+        # Pasted straight into the (padded) result: padding afterwards would copy every full frame.
+        out = even_canvas(frames.shape[0], height, width, pad_to_even, "IMTalker Paste Back")
+        paste_into(frames, crop, originals, feather, out=out[:, :height, :width])
+        return (fill_even_padding(out, height, width),)

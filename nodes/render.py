@@ -11,7 +11,7 @@ from ..imtalker_core.media.face import CropBox
 from ..imtalker_core.media.video import VideoWriter
 from ..imtalker_core.pipeline import Identity, render_batches
 from . import bridge
-from .face import check_originals, paste_into
+from .face import PAD_TO_EVEN_INPUT, check_originals, even_canvas, fill_even_padding, paste_into
 from .types import CROP, IDENTITY, MOTION, RENDERER, ManagedModel, Motion
 
 log = logging.getLogger(__name__)
@@ -43,29 +43,34 @@ class IMTalkerRender:
                 "identity": (IDENTITY, {"tooltip": "From IMTalker Encode Identity."}),
                 "motion": (MOTION, {"tooltip": "From IMTalker Audio To Motion or IMTalker Encode Motion."}),
                 "batch_size": BATCH_SIZE_INPUT,
-            }
+            },
+            "optional": {
+                "pad_to_even": PAD_TO_EVEN_INPUT,
+            },
         }
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("frames",)
-    OUTPUT_TOOLTIPS = ("The frames [T, 512, 512, 3] on the CPU. For long clips use IMTalker Render To Video, "
-                       "which does not keep all frames in memory.",)
+    OUTPUT_TOOLTIPS = ("The frames [T, 512, 512, 3] on the CPU (even-sized when pad_to_even is on). For long "
+                       "clips use IMTalker Render To Video, which does not keep all frames in memory.",)
     FUNCTION = "render"
     CATEGORY = "IMTalker"
     DESCRIPTION = "Draws the portrait with each frame's motion, a batch at a time."
 
-    def render(self, renderer: ManagedModel, identity: Identity, motion: Motion, batch_size: int):
+    def render(self, renderer: ManagedModel, identity: Identity, motion: Motion, batch_size: int,
+               pad_to_even: bool = True):
         module, progress = _render_setup(renderer, motion, batch_size)
         size = module.cfg.image_size
         # Filled in place: concatenating batches would need twice the memory at the end.
-        frames = torch.empty(motion.frames, size, size, 3, dtype=torch.float32, device=bridge.intermediate_device())
+        frames = even_canvas(motion.frames, size, size, pad_to_even, "IMTalker Render",
+                             device=bridge.intermediate_device())
         done = 0
         for batch in render_batches(module, identity, motion.latents, batch_size=batch_size,
                                     output_device=frames.device, callback=progress,
                                     check_interrupt=bridge.check_interrupt):
-            frames[done:done + batch.shape[0]] = batch.permute(0, 2, 3, 1)
+            frames[done:done + batch.shape[0], :size, :size] = batch.permute(0, 2, 3, 1)
             done += batch.shape[0]
-        return (frames,)
+        return (fill_even_padding(frames, size, size),)
 
 
 class IMTalkerRenderToVideo:
