@@ -4,12 +4,14 @@ Import relatively only: ComfyUI has a top-level module named `nodes` too.
 """
 from __future__ import annotations
 
-from . import bridge
+from . import bridge, examples
 from .encode import IMTalkerEncodeIdentity, IMTalkerEncodeMotion
 from .face import IMTalkerCropFace, IMTalkerPasteBack
 from .generate import IMTalkerAudioToMotion
 from .loaders import IMTalkerLoadGenerator, IMTalkerLoadRenderer
 from .render import IMTalkerRender, IMTalkerRenderToVideo
+from .video import IMTalkerVideoToMotion
+from .talking_head import IMTalkerTalkingHead
 
 NODE_CLASS_MAPPINGS = {
     "IMTalkerLoadRenderer": IMTalkerLoadRenderer,
@@ -18,9 +20,11 @@ NODE_CLASS_MAPPINGS = {
     "IMTalkerPasteBack": IMTalkerPasteBack,
     "IMTalkerEncodeIdentity": IMTalkerEncodeIdentity,
     "IMTalkerEncodeMotion": IMTalkerEncodeMotion,
+    "IMTalkerVideoToMotion": IMTalkerVideoToMotion,
     "IMTalkerAudioToMotion": IMTalkerAudioToMotion,
     "IMTalkerRender": IMTalkerRender,
     "IMTalkerRenderToVideo": IMTalkerRenderToVideo,
+    "IMTalkerTalkingHead": IMTalkerTalkingHead,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -30,13 +34,17 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IMTalkerPasteBack": "IMTalker Paste Back",
     "IMTalkerEncodeIdentity": "IMTalker Encode Identity",
     "IMTalkerEncodeMotion": "IMTalker Encode Motion (video)",
+    "IMTalkerVideoToMotion": "IMTalker Video To Motion",
     "IMTalkerAudioToMotion": "IMTalker Audio To Motion",
     "IMTalkerRender": "IMTalker Render",
     "IMTalkerRenderToVideo": "IMTalker Render To Video",
+    "IMTalkerTalkingHead": "IMTalker Talking Head",
 }
 
 if bridge.inside_comfyui():
     # Before any INPUT_TYPES call, so the dropdowns list models/imtalker (and extra_model_paths.yaml).
     bridge.register_model_folder()
+    # The templates' example inputs, into input/imtalker_examples/ (missing files only; never fails the pack).
+    examples.install_examples(bridge.input_directory())
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

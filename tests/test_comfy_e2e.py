@@ -7,7 +7,8 @@ private base folder and port (`$COMFY_E2E_PORT`, default 8190), so a running Com
 disturbed. Each workflow is converted to an API prompt with `ui_to_api` and run with run_api.py;
 if the harness's Chromium is there, each is also loaded in the real frontend (run_ui.py --no-queue).
 Inputs last one video frame (40 ms of audio, a one-frame driving video) because the full-size
-renderer takes seconds per frame on a CPU.
+renderer takes seconds per frame on a CPU; they replace the templates' example inputs under the same
+names, which also checks that the pack's example installer never overwrites a user's file.
 """
 from __future__ import annotations
 
@@ -53,18 +54,21 @@ def tiny_upscaler_state() -> dict[str, torch.Tensor]:
 
 
 def write_inputs(input_dir: Path, media_dir: Path) -> None:
-    """portrait.png, speech.wav (one frame of speech) and driving.mp4 (one frame, with sound)."""
+    """The templates' example inputs under their own names in `input/imtalker_examples/`, but tiny: the
+    portrait, one frame of speech and a one-frame driving video with sound. Written before the
+    server starts, so the pack's example installer must leave them alone (it never overwrites)."""
     import soundfile
 
     from imtalker_core.media.video import read_video, write_video
 
-    input_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(media_dir / "photo_512.png", input_dir / "portrait.png")
+    examples = input_dir / "imtalker_examples"
+    examples.mkdir(parents=True, exist_ok=True)
+    shutil.copy(media_dir / "photo_512.png", examples / "photo_512.png")
     speech, rate = soundfile.read(str(media_dir / "speech_16k_mono.wav"), dtype="float32")
     clip = speech[rate: rate + rate // 25]  # 40 ms from 1 s in, where there is speech
-    soundfile.write(str(input_dir / "speech.wav"), clip, rate)
+    soundfile.write(str(examples / "speech_16k_mono.wav"), clip, rate)
     frame = np.stack(list(read_video(media_dir / "driving_short.mp4", max_frames=1)))
-    write_video(input_dir / "driving.mp4", frame, 25, audio=(clip, rate))
+    write_video(examples / "driving_short.mp4", frame, 25, audio=(clip, rate))
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +121,8 @@ def test_pack_registers_all_nodes_and_core_table_matches_comfyui(comfy):
     ours = {k for k, v in info.items() if v.get("python_module", "").endswith("ComfyUI-IMTalker")}
     assert ours == {
         "IMTalkerLoadRenderer", "IMTalkerLoadGenerator", "IMTalkerCropFace", "IMTalkerPasteBack",
-        "IMTalkerEncodeIdentity", "IMTalkerEncodeMotion", "IMTalkerAudioToMotion", "IMTalkerRender",
-        "IMTalkerRenderToVideo"}
+        "IMTalkerEncodeIdentity", "IMTalkerEncodeMotion", "IMTalkerVideoToMotion", "IMTalkerAudioToMotion",
+        "IMTalkerRender", "IMTalkerRenderToVideo", "IMTalkerTalkingHead"}
     assert info["IMTalkerLoadRenderer"]["input"]["required"]["renderer_name"][0] == ["renderer.ckpt", "generator.ckpt"]
     assert info["IMTalkerLoadGenerator"]["input"]["required"]["wav2vec2_folder"][0] == ["wav2vec2-base-960h"]
     for name, expected in CORE_NODES.items():

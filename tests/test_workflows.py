@@ -7,12 +7,16 @@ test (test_comfy_e2e.py) uses it and checks the core table against a live server
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+import logging
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_nodes import load_pack
+from tests.test_nodes import PACK_NAME, load_pack
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -126,9 +130,9 @@ def defs():
     return definitions()
 
 
-def test_there_are_the_four_example_workflows():
+def test_there_are_the_example_workflows():
     assert [p.name for p in WORKFLOWS] == [
-        "imtalker_audio_portrait.json", "imtalker_long_audio_streaming.json",
+        "imtalker_audio_portrait.json", "imtalker_long_audio_streaming.json", "imtalker_one_node.json",
         "imtalker_photo_pasteback_upscale.json", "imtalker_video_reenactment.json"]
 
 
@@ -198,3 +202,214 @@ def test_ui_to_api_skips_control_after_generate_value(defs):
     video = next(v for v in prompt.values() if v["class_type"] == "CreateVideo")
     assert isinstance(video["inputs"]["fps"], list)  # the frame rate comes from Audio To Motion
     assert not any(v["class_type"] in FRONTEND_ONLY for v in prompt.values())
+
+
+def test_widget_values_match_the_widgets_of_our_nodes(defs):
+    """Every IMTalker node carries one value per widget (plus the seed's control value), in order: all
+    required widgets, and no more values than widgets (trailing optional ones may be left to their
+    defaults, as the frontend does for a workflow saved before they existed)."""
+    for path in WORKFLOWS:
+        for node in json.loads(path.read_text())["nodes"]:
+            if not node["type"].startswith("IMTalker"):
+                continue
+            definition = defs[node["type"]]
+            widgets = widget_inputs(definition)
+            slots = [len(widgets[:i]) + sum(adds_control_widget(n, s) for n, s in widgets[:i])
+                     for i in range(len(widgets) + 1)]  # values taken by the first i widgets
+            required = sum(1 for name, _ in widgets if name in definition["input"]["required"])
+            count = len(node.get("widgets_values") or [])
+            assert count in slots[required:], f"{path.name} node {node['id']}: {count} values for {slots}"
+
+
+def test_one_node_workflow_uses_talking_head(defs):
+    workflow = json.loads((ROOT / "workflows" / "imtalker_one_node.json").read_text())
+    prompt = ui_to_api(workflow, defs)
+    assert sorted(v["class_type"] for v in prompt.values()) == [
+        "IMTalkerLoadGenerator", "IMTalkerLoadRenderer", "IMTalkerTalkingHead", "LoadAudio", "LoadImage"]
+    head = next(v["inputs"] for v in prompt.values() if v["class_type"] == "IMTalkerTalkingHead")
+    assert {k: v for k, v in head.items() if not isinstance(v, list)} == {
+        "seed": 42, "steps": 10, "cfg_scale": 3, "noise": "reference", "crop": True, "batch_size": 4,
+        "output": "mp4", "filename_prefix": "IMTalker/talking_head"}
+    assert {k for k, v in head.items() if isinstance(v, list)} == {"renderer", "generator", "image", "audio"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Example inputs: every template loads files the pack installs into input/imtalker_examples/
+# ------------------------------------------------------------------------------------------------
+
+LOADERS = {"LoadImage", "LoadAudio", "LoadVideo"}
+EXAMPLE_INPUTS = ROOT / "example_inputs"
+
+
+def examples_module():
+    load_pack()
+    return importlib.import_module(f"{PACK_NAME}.nodes.examples")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_inputs_are_the_packs_examples(path):
+    examples = examples_module()
+    loaders = [n for n in json.loads(path.read_text())["nodes"] if n["type"] in LOADERS]
+    assert loaders, f"{path.name} loads no input"
+    for node in loaders:
+        value = node["widgets_values"][0]
+        subfolder, _, name = value.partition("/")
+        assert subfolder == examples.SUBFOLDER and name in examples.FILES, f"{path.name}: {value}"
+        assert value == examples.widget_value(name) and (EXAMPLE_INPUTS / name).is_file(), value
+
+
+def test_example_inputs_are_the_test_media_and_small():
+    """Byte-identical to tests/data/media (so git stores each once), and nothing else is shipped."""
+    examples = examples_module()
+    shipped = sorted(p.name for p in EXAMPLE_INPUTS.iterdir() if p.name != "README.md")
+    assert shipped == sorted(examples.FILES)
+    for name in examples.FILES:
+        assert (EXAMPLE_INPUTS / name).read_bytes() == (ROOT / "tests" / "data" / "media" / name).read_bytes(), name
+    assert sum((EXAMPLE_INPUTS / name).stat().st_size for name in examples.FILES) < 2_000_000
+
+
+def test_no_folder_hides_the_templates():
+    """ComfyUI mounts each of these folders of a pack at /api/workflow_templates/<pack>/, in this order, and
+    the first one present answers every request (app/custom_node_manager.py): any of them besides
+    workflows/ would make the templates 404."""
+    for name in ("example_workflows", "example", "examples", "workflow"):
+        assert not (ROOT / name).exists(), f"{name}/ would shadow workflows/ in ComfyUI's template route"
+
+
+def test_install_examples_copies_missing_files_and_keeps_the_users(tmp_path, caplog):
+    examples = examples_module()
+    target = tmp_path / "input" / examples.SUBFOLDER
+    target.mkdir(parents=True)
+    (target / "photo_512.png").write_bytes(b"the user's own file")
+    with caplog.at_level(logging.INFO):
+        copied = examples.install_examples(tmp_path / "input")
+    assert copied == ["speech_16k_mono.wav", "driving_short.mp4"]
+    assert (target / "photo_512.png").read_bytes() == b"the user's own file"
+    for name in copied:
+        assert (target / name).read_bytes() == (EXAMPLE_INPUTS / name).read_bytes()
+    assert len([r for r in caplog.records if "example inputs" in r.getMessage()]) == 1
+    caplog.clear()
+    assert examples.install_examples(tmp_path / "input") == []  # a second start copies nothing
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert examples.install_examples(None) == []  # standalone: no input folder
+
+
+def test_install_examples_never_fails_the_pack(tmp_path, caplog, monkeypatch):
+    examples = examples_module()
+    not_a_folder = tmp_path / "input"
+    not_a_folder.write_text("a file where the input folder should be")
+    with caplog.at_level(logging.WARNING):
+        assert examples.install_examples(not_a_folder) == []
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "could not copy the example inputs" in warning.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a pack installed without its example files
+        assert examples.install_examples(tmp_path / "other", source_dir=tmp_path / "missing") == []
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    assert not list((tmp_path / "other" / examples.SUBFOLDER).iterdir())  # no empty or partial file left
+
+    def disk_full(source, destination):
+        destination.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(examples.shutil, "copyfileobj", disk_full)
+    assert examples.install_examples(tmp_path / "full") == []
+    assert not list((tmp_path / "full" / examples.SUBFOLDER).iterdir())  # the partial copy was removed
+
+
+def test_pack_load_inside_comfyui_installs_the_examples(tmp_path, monkeypatch):
+    """Loading the pack in a (stand-in) ComfyUI copies the examples into its input folder."""
+    from tests.test_nodes import FakeComfy
+
+    fake = FakeComfy(tmp_path / "models", tmp_path / "output")
+    fake.modules["folder_paths"].get_input_directory = lambda: str(tmp_path / "input")
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    name = "imtalker_pack_in_stand_in_comfyui"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        assert "IMTalkerTalkingHead" in module.NODE_CLASS_MAPPINGS
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+    installed = tmp_path / "input" / "imtalker_examples"
+    assert sorted(p.name for p in installed.iterdir()) == sorted(examples_module().FILES)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout: grouped, compact, readable at the default zoom; a thumbnail per template
+# ------------------------------------------------------------------------------------------------
+
+NODE_TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its `pos`
+MAX_WIDTH, MAX_HEIGHT = 1600, 1300
+GROUP_OF = {"Models": lambda t: t.startswith("IMTalkerLoad") or t.endswith("ModelLoader"),
+            "Inputs": lambda t: t in LOADERS,
+            "Output": lambda t: t in ("SaveVideo", "PreviewAny", "CreateVideo")}
+
+
+def node_box(node) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a node including its title bar."""
+    x, y = node["pos"]
+    w, h = node["size"]
+    return x, y - NODE_TITLE_HEIGHT, x + w, y + h
+
+
+def group_box(group) -> tuple[float, float, float, float]:
+    x, y, w, h = group["bounding"]
+    return x, y, x + w, y + h
+
+
+def inside(inner, outer) -> bool:
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and inner[2] <= outer[2] and inner[3] <= outer[3]
+
+
+def overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_is_grouped_and_compact(path):
+    workflow = json.loads(path.read_text())
+    groups = workflow.get("groups") or []
+    titles = [g["title"] for g in groups]
+    assert {"Models", "Inputs", "Generate"} <= set(titles) <= {"Models", "Inputs", "Generate", "Output"}, titles
+    assert len(titles) == len(set(titles))
+    for a in range(len(groups)):
+        for b in range(a + 1, len(groups)):
+            assert not overlap(group_box(groups[a]), group_box(groups[b])), (titles[a], titles[b])
+    boxes = {n["id"]: node_box(n) for n in workflow["nodes"]}
+    for node in workflow["nodes"]:
+        box = boxes[node["id"]]
+        touching = [g["title"] for g in groups if overlap(box, group_box(g))]
+        where = f"{path.name} node {node['id']} ({node['type']})"
+        if node["type"] in FRONTEND_ONLY and not touching:
+            continue  # the note may sit outside the groups
+        # Inside exactly one group, entirely (LiteGraph moves a group's nodes with it, judged by position).
+        assert len(touching) == 1, f"{where} touches groups {touching}"
+        (group,) = [g for g in groups if g["title"] == touching[0]]
+        assert inside(box, group_box(group)), f"{where} sticks out of group {group['title']}"
+        for title, belongs in GROUP_OF.items():
+            if belongs(node["type"]):
+                assert group["title"] == title, f"{where} is in {group['title']}, not {title}"
+        for other, other_box in boxes.items():
+            assert other == node["id"] or not overlap(box, other_box), f"{where} overlaps node {other}"
+    every = list(boxes.values()) + [group_box(g) for g in groups]
+    width = max(b[2] for b in every) - min(b[0] for b in every)
+    height = max(b[3] for b in every) - min(b[1] for b in every)
+    assert width <= MAX_WIDTH and height <= MAX_HEIGHT, f"{path.name} is {width}x{height} px"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_has_a_thumbnail(path):
+    """The frontend shows `/api/workflow_templates/<pack>/<name>.jpg` for a custom node's template."""
+    from PIL import Image
+
+    thumbnail = path.with_suffix(".jpg")
+    assert thumbnail.is_file(), f"no thumbnail {thumbnail.name}"
+    assert thumbnail.stat().st_size < 64_000
+    with Image.open(thumbnail) as image:
+        assert image.format == "JPEG" and 256 <= min(image.size) and max(image.size) <= 1024
+    assert sorted(p.stem for p in path.parent.glob("*.jpg")) == [p.stem for p in WORKFLOWS]  # none left over
