@@ -61,7 +61,11 @@ class IMTalkerEncodeIdentity:
                           "instead; connect it before this node.", logging.WARNING)
         module = bridge.ensure_loaded(renderer)
         source = to_model_input(portrait[0].cpu(), module.cfg.image_size)
-        return (encode_identity(module, source),)
+        identity = encode_identity(module, source, callback=bridge.Progress(3, "encoding the portrait"),
+                                   check_interrupt=bridge.check_interrupt)
+        # Kept off the GPU between nodes: ComfyUI manages only the renderer's weights, so device tensors
+        # here would stay in VRAM after it offloads the renderer. Rendering moves them over per call.
+        return (identity.to(device=bridge.offload_device()),)
 
 
 class IMTalkerEncodeMotion:
