@@ -198,6 +198,19 @@ def find_wav2vec2_folder(name: str) -> str:
 # Devices, dtypes and model management
 # --------------------------------------------------------------------------------------------
 
+def system_memory() -> int:
+    """Total physical memory of this machine in bytes (0 if unknown)."""
+    try:
+        import psutil
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def compute_device() -> torch.device:
     """Where models run: ComfyUI's torch device (honours --cpu etc.); the CPU standalone."""
     mm = _comfy("comfy.model_management")

@@ -32,6 +32,21 @@ def _render_setup(renderer: ManagedModel, motion: Motion, batch_size: int):
     return module, bridge.Progress(motion.frames, "rendering frames")
 
 
+#: Share of the machine's memory an IMAGE output may take before Render warns.
+IMAGE_MEMORY_SHARE = 0.25
+
+
+def warn_if_frames_fill_memory(frames: int, height: int, width: int) -> None:
+    """Warn (in the UI too) when `frames` float32 RGB frames would take more than `IMAGE_MEMORY_SHARE`
+    of the machine's memory: ComfyUI keeps a node's outputs cached after the run."""
+    needed = frames * height * width * 3 * 4
+    total = bridge.system_memory()
+    if total and needed > IMAGE_MEMORY_SHARE * total:
+        bridge.notify(f"IMTalker Render: {frames} frames take {needed / 2**30:.1f} GiB as an IMAGE batch, over "
+                      f"{IMAGE_MEMORY_SHARE:.0%} of this machine's {total / 2**30:.0f} GiB; IMTalker Render To Video "
+                      "streams them into an MP4 in constant memory instead.", logging.WARNING)
+
+
 class IMTalkerRender:
     """Renders the talking-face frames as an IMAGE batch."""
 
@@ -61,6 +76,7 @@ class IMTalkerRender:
                pad_to_even: bool = True):
         module, progress = _render_setup(renderer, motion, batch_size)
         size = module.cfg.image_size
+        warn_if_frames_fill_memory(motion.frames, size, size)
         # Filled in place: concatenating batches would need twice the memory at the end.
         frames = even_canvas(motion.frames, size, size, pad_to_even, "IMTalker Render",
                              device=bridge.intermediate_device())

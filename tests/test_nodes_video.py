@@ -483,3 +483,15 @@ def test_notify_shows_the_text_on_the_running_node_inside_comfyui(sub, tmp_path,
     server.PromptServer.instance.send_progress_text = broken
     bridge.notify("still logged")
     assert "still logged" in caplog.text
+
+
+def test_render_warns_before_an_image_batch_would_fill_memory(pack, sub, monkeypatch):
+    render = sub("nodes.render")
+    bridge = sub("nodes.bridge")
+    notes = []
+    monkeypatch.setattr(bridge, "notify", lambda message, level=None: notes.append(message))
+    monkeypatch.setattr(bridge, "system_memory", lambda: 8 * 2**30)
+    render.warn_if_frames_fill_memory(100, 512, 512)  # 0.3 GiB: fine
+    assert notes == []
+    render.warn_if_frames_fill_memory(1000, 512, 512)  # 2.9 GiB > 25 % of 8 GiB
+    assert len(notes) == 1 and "Render To Video" in notes[0] and "2.9 GiB" in notes[0]
