@@ -8,6 +8,7 @@ Images are `[B, 3, S, S]` float RGB in [0, 1] with S the renderer's size (512); 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -17,6 +18,7 @@ import torch
 from .errors import IMTalkerError, InputError
 from .generator import MotionGenerator
 from .renderer import IMTRenderer
+from .precision import fp32_matmul
 from .sampling import NOISE_MODES
 from .validation import check_batch_size, check_cfg, check_control, check_seed, check_steps
 
@@ -209,39 +211,53 @@ def generate_motion(generator: MotionGenerator, audio_features: torch.Tensor, re
 @torch.no_grad()
 def render_batches(renderer: IMTRenderer, identity: Identity, motion: torch.Tensor, batch_size: int = 4,
                    output_device: torch.device | str | None = "cpu", callback: Progress | None = None,
-                   check_interrupt: Interrupt | None = None) -> Iterator[torch.Tensor]:
+                   check_interrupt: Interrupt | None = None, allow_tf32: bool = False) -> Iterator[torch.Tensor]:
     """Yield frames `[b, 3, S, S]` in [0, 1] (float32 on `output_device`) for motion `[T, 32]`.
 
     Work is done `batch_size` frames at a time on the renderer's device and each batch leaves it
-    as soon as it is done, so device memory does not grow with T.
+    as soon as it is done, so device memory does not grow with T. The source-only work is done
+    once per call. A float32 model computes in true float32 on CUDA (TF32 off) unless `allow_tf32`.
+    Inputs are checked when this is called, not at the first batch.
     """
     motion = check_motion(motion, renderer.cfg.latent_dim)
     batch_size = check_batch_size(batch_size)
-    return _render_iter(renderer, identity, motion, batch_size, output_device, callback, check_interrupt)
+    return _render_iter(renderer, identity, motion, batch_size, output_device, callback, check_interrupt,
+                        allow_tf32)
 
 
-def _render_iter(renderer, identity, motion, batch_size, output_device, callback, check_interrupt):
+def _render_iter(renderer, identity, motion, batch_size, output_device, callback, check_interrupt, allow_tf32):
     device, dtype = _model_place(renderer)
     identity = identity.to(device=device, dtype=dtype)
     total = motion.shape[0]
+    # The source-only half of the transfer (key/value projections, pooled features), once per call.
+    with _float32(dtype, device, allow_tf32):
+        source = renderer.prepare_source(identity.motion_maps, identity.features)
     for start in range(0, total, batch_size):
         if check_interrupt is not None:
             check_interrupt()
         latents = motion[start:start + batch_size].to(device=device, dtype=dtype)
         vector = identity.vector.expand(latents.shape[0], -1)
-        maps = renderer.decode_motion(renderer.adapt(latents, vector))
-        if check_interrupt is not None:  # the synthesis is most of a frame's time: a second cancel point
-            check_interrupt()
-        frames = renderer.render(maps, identity.motion_maps, identity.features).float()
+        # The TF32 switch is process-wide, so it covers the model calls only, never the caller's
+        # code that runs between yields.
+        with _float32(dtype, device, allow_tf32):
+            maps = renderer.decode_motion(renderer.adapt(latents, vector))
+            if check_interrupt is not None:  # the synthesis is most of a frame's time: a second cancel point
+                check_interrupt()
+            frames = renderer.render(maps, source=source).float()
         check_finite_output(frames, f"frames {start}–{start + latents.shape[0] - 1}", RENDERER_CAUSES)
         yield frames.to(output_device) if output_device is not None else frames
         if callback is not None:
             callback(min(start + batch_size, total), total)
 
 
+def _float32(dtype: torch.dtype, device: torch.device, allow_tf32: bool):
+    """True float32 on CUDA for a float32 model (no TF32 unless `allow_tf32`); nothing otherwise."""
+    return fp32_matmul(allow_tf32, device) if dtype == torch.float32 else contextlib.nullcontext()
+
+
 def render_frames(renderer: IMTRenderer, identity: Identity, motion: torch.Tensor, batch_size: int = 4,
                   output_device: torch.device | str | None = "cpu", callback: Progress | None = None,
-                  check_interrupt: Interrupt | None = None) -> torch.Tensor:
+                  check_interrupt: Interrupt | None = None, allow_tf32: bool = False) -> torch.Tensor:
     """All frames `[T, 3, S, S]` in [0, 1]; see `render_batches`."""
     return torch.cat(list(render_batches(renderer, identity, motion, batch_size, output_device,
-                                         callback, check_interrupt)))
+                                         callback, check_interrupt, allow_tf32)))

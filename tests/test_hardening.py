@@ -296,7 +296,7 @@ def test_render_checks_for_cancel_before_the_synthesis_of_each_batch(tiny_render
     identity = encode_identity(tiny_renderer, torch.rand(1, 3, 128, 128))
     events = []
     real_render = tiny_renderer.render
-    monkeypatch.setattr(tiny_renderer, "render", lambda *a: events.append("render") or real_render(*a))
+    monkeypatch.setattr(tiny_renderer, "render", lambda *a, **k: events.append("render") or real_render(*a, **k))
     render_frames(tiny_renderer, identity, torch.zeros(2, 32), batch_size=1,
                   check_interrupt=lambda: events.append("check"))
     assert events == ["check", "check", "render", "check", "check", "render"]

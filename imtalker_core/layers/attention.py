@@ -1,14 +1,60 @@
 """Attention layers of the renderer: full attention that can report its map, the guided
-sparse resampler, and the transformer / shifted-window blocks of the synthesis network."""
+sparse resampler, and the transformer / shifted-window blocks of the synthesis network.
+
+Two implementations of the expensive parts live side by side, chosen by `fast_paths()`:
+
+- the plain paths (the code before issue 11, kept verbatim): the anchor level's float32 softmax
+  map is used both for the attended values and for the head-averaged argmax, and window
+  attention is written out with explicit matrix products;
+- the fast paths (default): `scaled_dot_product_attention` for the attended values wherever the
+  map itself is not needed, the argmax reduced chunk by chunk without the `probs @ v` product
+  or the separate scaling pass (`head_mean_argmax`), shared source keys never copied per frame,
+  and window attention through `scaled_dot_product_attention` with a cached bias.
+
+Both compute the anchor picks from float32 logits with the same float32 arithmetic, so float32
+picks are identical (tests/test_speed_paths.py) and half-precision models change no more picks
+than before. The switch exists so that one process can time and compare both.
+"""
 from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Queries per chunk when the head-averaged attention map is reduced to its argmax; bounds memory
-# at heads × chunk × keys floats instead of heads × keys² (4096² at the 64² level).
+# Queries per chunk of the plain path's argmax; bounds memory at heads × chunk × keys floats
+# instead of heads × keys² (4096² at the 64² level).
 ARGMAX_QUERY_CHUNK = 1024
+
+# Fast path: bytes of float32 map (all heads, all keys) per chunk of queries. A CPU works best
+# while the chunk stays near its caches; a GPU wants chunks large enough to hide kernel launches
+# but bounded so that peak memory does not grow with the batch (at batch 32 the whole 64² map
+# would be 32 · 8 · 4096² · 4 B = 17 GB).
+ARGMAX_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
+ARGMAX_CHUNK_BYTES_OTHER = 64 << 20
+
+_FAST_PATHS = True
+
+
+@contextmanager
+def fast_paths(enabled: bool = True) -> Iterator[None]:
+    """Use the fast (default) or the plain attention and resampling paths inside the block.
+
+    For benchmarks and tests that compare both in one process; not thread-safe (module state).
+    """
+    global _FAST_PATHS
+    before, _FAST_PATHS = _FAST_PATHS, bool(enabled)
+    try:
+        yield
+    finally:
+        _FAST_PATHS = before
+
+
+def fast_paths_enabled() -> bool:
+    return _FAST_PATHS
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -21,12 +67,104 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+def _is_power_of_two(x: float) -> bool:
+    return x > 0 and math.frexp(x)[0] == 0.5
+
+
+def _fold_batch(q: torch.Tensor, kv_batch: int) -> tuple[torch.Tensor, int]:
+    """`[B, H, N, d]` queries against keys of batch 1 → `[1, H, B·N, d]` and B (else unchanged, 1).
+
+    Every query's row of the attention map depends on that query and the keys only, so frames
+    that share one source can be stacked along the query axis: the same arithmetic per row, B×
+    larger matrix products, and no per-frame copies of the source keys and values.
+    """
+    b, h, n, d = q.shape
+    if kv_batch != 1 or b == 1:
+        return q, 1
+    return q.transpose(0, 1).reshape(1, h, b * n, d), b
+
+
+def _unfold_batch(x: torch.Tensor, b: int) -> torch.Tensor:
+    """Inverse of `_fold_batch` for `[1, H, B·N, e]` → `[B, H, N, e]` (a view)."""
+    if b == 1:
+        return x
+    _, h, bn, e = x.shape
+    return x.view(h, b, bn // b, e).transpose(0, 1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`softmax(q kᵀ / √d) v` per head in the inputs' dtype (`scaled_dot_product_attention`).
+
+    q: `[B, H, Nq, d]`; k, v: `[B or 1, H, Nk, d]` (batch 1: one source shared by B frames).
+    Returns `[B, H, Nq, d]`.
+    """
+    q, b = _fold_batch(q, k.shape[0])
+    return _unfold_batch(F.scaled_dot_product_attention(q, k, v), b)
+
+
+def argmax_chunk_rows(device: torch.device, groups: int, heads: int, keys: int,
+                      chunk_bytes: int | None = None) -> int:
+    """Queries per chunk so that one float32 map chunk `[groups, heads, rows, keys]` fits the budget."""
+    budget = chunk_bytes or ARGMAX_CHUNK_BYTES.get(device.type, ARGMAX_CHUNK_BYTES_OTHER)
+    return max(1, budget // (groups * heads * keys * 4))
+
+
+def head_mean_argmax(q: torch.Tensor, k: torch.Tensor, scale: float, v: torch.Tensor | None = None,
+                     chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For every query, the key with the largest head-averaged attention weight.
+
+    q: `[B, H, Nq, d]`; k: `[B or 1, H, Nk, d]`; any float dtype. The weights are exactly the plain
+    path's: float32 logits `(q·kᵀ)·scale`, float32 softmax over keys per head, mean over heads,
+    argmax (ties → the lowest key index, as `torch.argmax`). Only one chunk of queries
+    `[·, H, rows, Nk]` exists at a time (`chunk_bytes`, default `ARGMAX_CHUNK_BYTES`).
+
+    With `v` (`[B or 1, H, Nk, dv]`) it also returns the attended values `[B, H, Nq, dv]` (in
+    `v.dtype`) from the same float32 probabilities: cheaper than a second attention on a CPU,
+    where the map is already there; on a GPU `attend` in the model's dtype is far cheaper.
+
+    Returns (argmax `[B, Nq]` int64, values or None).
+    """
+    qf, b = _fold_batch(q, k.shape[0])
+    groups, heads, rows_total, _ = qf.shape
+    qf = qf.float()
+    # A power-of-two scale (1/4 at the official anchor level: head width 16) commutes exactly with
+    # every rounding of the product, so it is applied to the small query tensor instead of to
+    # the big map: one pass over the map fewer, bit for bit the plain path's logits.
+    post_scale = not _is_power_of_two(scale)
+    if not post_scale:
+        qf = qf * scale
+    kt = k.float().transpose(-2, -1)
+    vf = v.float() if v is not None else None
+    rows = argmax_chunk_rows(q.device, groups, heads, kt.shape[-1], chunk_bytes)
+    picks, outs = [], []
+    for start in range(0, rows_total, rows):
+        logits = torch.matmul(qf[:, :, start:start + rows], kt)
+        if post_scale:
+            logits.mul_(scale)  # parity: the reference scales the logits after the product
+        probs = logits.softmax(dim=-1)
+        del logits  # lets the allocator reuse the block for the next chunk
+        if vf is not None:
+            outs.append(torch.matmul(probs, vf).to(v.dtype))
+        picks.append(probs.mean(dim=1).argmax(dim=-1))
+    argmax = torch.cat(picks, dim=1).view(q.shape[0], q.shape[2])
+    values = _unfold_batch(torch.cat(outs, dim=2), b) if vf is not None else None
+    return argmax, values
+
+
+def _values_from_probs(device: torch.device) -> bool:
+    """Whether the anchor level takes its values from the float32 map (see `head_mean_argmax`)."""
+    return device.type == "cpu"
+
+
 class FullAttention(nn.Module):
     """Multi-head attention with separate q/k/v projections (`q_proj`, `k_proj`, `v_proj`, `proj`).
 
     Sequences are `[B, N, C]`. With `return_argmax=True` it also returns, for every query, the
     key index with the largest head-averaged attention weight (`[B, N]`, int64): what the guided
     resampler needs, without materialising the `[B, heads, N, N]` map.
+
+    Keys and values that depend only on the source can be projected once (`project_kv`) and
+    passed as `kv=`; then `key` and `value` are not needed.
     """
 
     def __init__(self, dim: int, num_heads: int):
@@ -38,8 +176,31 @@ class FullAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                return_argmax: bool = False):
+    def project_kv(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected keys and values `[B, heads, N, C/heads]` of key/value sequences `[B, N, C]`."""
+        return (_split_heads(self.k_proj(key), self.num_heads),
+                _split_heads(self.v_proj(value), self.num_heads))
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                return_argmax: bool = False, kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if not _FAST_PATHS:
+            if kv is not None:
+                raise ValueError("the plain path takes key and value sequences, not projected kv")
+            return self._forward_plain(query, key, value, return_argmax)
+        q = _split_heads(self.q_proj(query), self.num_heads)
+        k, v = kv if kv is not None else self.project_kv(key, value)
+        if not return_argmax:
+            return self.proj(_merge_heads(attend(q, k, v)))
+        if _values_from_probs(q.device):
+            argmax, out = head_mean_argmax(q, k, self.scale, v)
+        else:
+            # parity: the picks come from float32 logits in every precision (see head_mean_argmax);
+            # the values are an ordinary attention in the model's dtype.
+            argmax, _ = head_mean_argmax(q, k, self.scale)
+            out = attend(q, k, v)
+        return self.proj(_merge_heads(out)), argmax
+
+    def _forward_plain(self, query, key, value, return_argmax):
         q = _split_heads(self.q_proj(query), self.num_heads)
         k = _split_heads(self.k_proj(key), self.num_heads)
         v = _split_heads(self.v_proj(value), self.num_heads)
@@ -60,6 +221,32 @@ class FullAttention(nn.Module):
         return out, torch.cat(argmaxes, dim=1)
 
 
+def pool_for_resample(value: torch.Tensor, anchor_size: int) -> torch.Tensor:
+    """The guided resampler's block means: `[B, C, H, W]` → `[B, C, anchor_size²]`.
+
+    Depends only on the source features, so it can be computed once per identity.
+    """
+    h, w = value.shape[-2:]
+    ratio = h // anchor_size
+    assert h == w == ratio * anchor_size, (value.shape, anchor_size)
+    # parity: with one sample the softmax over the top-k weights is exactly 1, so each block is
+    # averaged with weight 1/r² as in the reference.
+    return F.avg_pool2d(value, ratio).flatten(2)
+
+
+def resample_pooled(pooled: torch.Tensor, anchor_argmax: torch.Tensor, anchor_size: int,
+                    size: int) -> torch.Tensor:
+    """Warp with precomputed block means: pooled `[1 or B, C, anchor²]`, argmax `[B, anchor²]`
+    → `[B, C, size, size]`, every anchor cell's pick repeated over its `r×r` fine pixels."""
+    b = anchor_argmax.shape[0]
+    c = pooled.shape[1]
+    ratio = size // anchor_size
+    index = anchor_argmax.unsqueeze(1).expand(b, c, -1)
+    warped = pooled.expand(b, -1, -1).gather(2, index).view(b, c, anchor_size, 1, anchor_size, 1)
+    # Nearest ×r upsampling as one broadcast copy (same values as two repeat_interleave calls).
+    return warped.expand(b, c, anchor_size, ratio, anchor_size, ratio).reshape(b, c, size, size)
+
+
 def guided_resample(value: torch.Tensor, anchor_argmax: torch.Tensor, anchor_size: int) -> torch.Tensor:
     """Guided sparse resampler (top-1): warp a fine feature map with the anchor level's attention.
 
@@ -68,6 +255,9 @@ def guided_resample(value: torch.Tensor, anchor_argmax: torch.Tensor, anchor_siz
 
     value: `[B, C, H, W]`; anchor_argmax: `[B, anchor_size²]` key indices. Returns `[B, C, H, W]`.
     """
+    if _FAST_PATHS:
+        return resample_pooled(pool_for_resample(value, anchor_size), anchor_argmax, anchor_size,
+                               value.shape[-1])
     b, c, h, w = value.shape
     ratio = h // anchor_size
     assert h == w == ratio * anchor_size, (value.shape, anchor_size)
@@ -143,6 +333,11 @@ def shifted_window_mask(resolution: int, window: int, shift: int) -> torch.Tenso
     return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place version counter, or -1 for inference tensors, which keep none."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
 class WindowAttention(nn.Module):
     """Windowed multi-head attention with a learned relative-position bias (`q`, `k`, `v`, `proj`)."""
 
@@ -156,15 +351,62 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window))
+        # (key, bias) of the last additive bias built by `attention_bias`; a plain attribute, so the
+        # state dict is unchanged. The key changes whenever the table or the mask is replaced,
+        # moved, cast or modified in place (load_state_dict), so a stale bias is never used.
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._bias_cache = None  # .to() / .half() / .cuda(): drop the old copy rather than keep it alive
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # Inference tensors (a model loaded under torch.inference_mode, as ComfyUI runs nodes) keep no
+        # version counter, so a load cannot be seen in the cache key: drop the cache here instead.
+        self._bias_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _bias(self) -> torch.Tensor:
+        """The gathered relative-position bias `[1, heads, n, n]`."""
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+
+    def attention_bias(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The additive bias of the fast path: `[1, heads, n, n]` without a mask, `[1, nW·heads, n, n]`
+        (windows major, heads minor) with the shifted-window mask `[nW, n, n]`; in `dtype`.
+
+        Computed once and reused while the table and the mask are unchanged (inference); under
+        autograd with a trainable table it is rebuilt every call so gradients flow.
+        """
+        table = self.relative_position_bias_table
+        if torch.is_grad_enabled() and table.requires_grad:
+            return self._build_bias(mask, dtype)
+        key = (table.data_ptr(), _version(table), table.device, dtype,
+               None if mask is None else (mask.data_ptr(), _version(mask), mask.shape))
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            self._bias_cache = (key, self._build_bias(mask, dtype))
+        return self._bias_cache[1]
+
+    def _build_bias(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        bias = self._bias().to(dtype)
+        if mask is None:
+            return bias
+        nw, n = mask.shape[0], mask.shape[1]
+        # Summed once here instead of added to every window's logits on every call; the mask's
+        # -100 entries make exp() vanish either way, so the order of the two sums does not matter.
+        return (bias + mask.to(dtype)[:, None]).reshape(1, nw * self.num_heads, n, n)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
+        """q, k, v: `[B·nW, n, C]` windows (image-major); mask `[nW, n, n]` or None → `[B·nW, n, C]`."""
+        if _FAST_PATHS:
+            return self._forward_fast(q, k, v, mask)
         bw, n, c = q.shape
         q = _split_heads(self.q(q), self.num_heads) * self.scale
         k = _split_heads(self.k(k), self.num_heads)
         v = _split_heads(self.v(v), self.num_heads)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        bias = self._bias()
         attn = q @ k.transpose(-2, -1) + bias
         if mask is not None:
             nw = mask.shape[0]
@@ -172,6 +414,23 @@ class WindowAttention(nn.Module):
             attn = attn.view(bw, self.num_heads, n, n)
         out = attn.softmax(dim=-1) @ v
         return self.proj(_merge_heads(out))
+
+    def _forward_fast(self, q, k, v, mask):
+        bw, n, c = q.shape
+        h = self.num_heads
+        bias = self.attention_bias(mask, q.dtype)
+        # With a mask the windows of one image become "heads" ([B, nW·heads, n, d]) so that the
+        # per-window bias broadcasts over the images instead of being copied B times.
+        groups = bw // mask.shape[0] if mask is not None else bw
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(groups, -1, n, h, c // h).transpose(2, 3).reshape(groups, -1, n, c // h)
+
+        out = F.scaled_dot_product_attention(heads(self.q(q)), heads(self.k(k)), heads(self.v(v)),
+                                             attn_mask=bias, scale=self.scale)
+        # [groups, windows·heads, n, d] → [B·nW, n, C]
+        out = out.reshape(bw, h, n, c // h).transpose(1, 2).reshape(bw, n, c)
+        return self.proj(out)
 
 
 class SwinBlock(nn.Module):

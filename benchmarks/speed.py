@@ -1,0 +1,526 @@
+"""Speed of the renderer, the generator, the audio encoder and a whole clip (stand-in weights).
+
+    python benchmarks/speed.py --device cpu --frames 2 --batch-sizes 1 2
+    python benchmarks/speed.py --device cuda --dtypes fp32 fp16 bf16 --batch-sizes 1 8 16 32 \\
+        --frames 64 --json speed_cuda.json
+
+Speed does not depend on the weights' values, so everything runs on deterministic stand-in weights
+(tests/helpers/standin.py), random audio features and, for the audio encoder, a randomly
+initialised wav2vec2-base built from `transformers.Wav2Vec2Config()` (no files). Nothing here reads
+or writes media, so the machine needs neither av, cv2, soxr nor soundfile.
+
+Sections (`--skip` any of them):
+- anchor:   the 64² anchor attention alone (queries → attended values + head-averaged argmax),
+            plain vs fast path, plus chunk sizes of the fast argmax on CUDA (`--chunk-mib`);
+- renderer: ms/frame, frames/s and peak memory per precision × path × batch size (motion latents →
+            frames on the device, after one warm-up batch); batch 1 is the latency;
+- generator: a `--clip-seconds` clip (25 fps; cfg 3, 10 steps) from random 768-wide features;
+- audio:    wav2vec2-base features of a `--clip-seconds` random waveform;
+- clip:     audio → features → motion → frames copied to the CPU at the best batch size of the
+            renderer section (on a CPU only `--clip-render-frames` are rendered and the time is
+            scaled to the clip, marked "scaled");
+- parity:   on the parity inputs (tests/data/parity), PSNR of each precision's frames against the
+            same path's fp32 frames and against the reference's golden frames, and the anchor picks
+            that differ from fp32's.
+
+Paths (`--paths`): "plain" is the renderer as it was before issue 11 (float32 anchor map used for
+values and argmax, source-only work redone per batch, explicit window attention); "fast" is the
+current default (`imtalker_core.layers.attention.fast_paths`) with the source prepared once
+(`IMTRenderer.prepare_source`). Precision "tf32" is fp32 weights with TF32 allowed; "fp32" is
+true float32 (TF32 off, `imtalker_core.precision.fp32_matmul`).
+
+CUDA timings use CUDA events after a warm-up and `torch.cuda.synchronize()`; peak memory is
+`torch.cuda.max_memory_allocated()` (weights included). Prints one markdown table; `--json OUT`
+writes every row plus the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import functools
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from imtalker_core.config import GeneratorConfig, RendererConfig  # noqa: E402
+from imtalker_core.generator import MotionGenerator  # noqa: E402
+from imtalker_core.layers import attention  # noqa: E402
+from imtalker_core.precision import fp32_matmul, tf32_state  # noqa: E402
+from imtalker_core.renderer import IMTRenderer  # noqa: E402
+from imtalker_core.renderer.transfer import CoarseTransfer  # noqa: E402
+from tests.helpers.standin import parity_file, standin_state_dict  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SECTIONS = ("anchor", "renderer", "generator", "audio", "clip", "parity")
+FPS = 25
+SAMPLE_RATE = 16000
+
+
+# --------------------------------------------------------------------------- timing helpers
+
+class Timer:
+    """Seconds of GPU work (CUDA events) or wall time (CPU) around a callable, plus peak memory."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn, repeats: int = 1) -> tuple[float, float | None]:
+        """(best seconds over `repeats`, peak GiB or None). On a CPU, `self.cpu_seconds` is the best
+        process CPU time (all threads): less disturbed than wall time when others share the cores."""
+        best = self.cpu_seconds = math.inf
+        if self.cuda:
+            self.sync()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                self.sync()
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                best = min(best, start.elapsed_time(end) / 1000)
+            else:
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                best = min(best, time.perf_counter() - t0)
+                self.cpu_seconds = min(self.cpu_seconds, time.process_time() - c0)
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else None
+        return best, peak
+
+    def cpu_note(self) -> str:
+        return "" if self.cuda else f"process CPU time {self.cpu_seconds:.2f} s"
+
+
+def precision_context(name: str, device: torch.device):
+    """True fp32 for "fp32", TF32 allowed for "tf32"; nothing for half precisions."""
+    if name in ("fp32", "tf32"):
+        return fp32_matmul(allow_tf32=name == "tf32", device=device)
+    return contextlib.nullcontext()
+
+
+def path_context(path: str):
+    return attention.fast_paths(path == "fast")
+
+
+# --------------------------------------------------------------------------- models
+
+class Renderers:
+    """Stand-in renderers, one precision at a time on the device (so that peak memory counts one
+    model), copied from one float32 master built once on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.master = IMTRenderer(RendererConfig()).eval().requires_grad_(False)
+        self.master.load_state_dict(standin_state_dict("renderer"), strict=False)
+        self.current: tuple[str, IMTRenderer] | None = None
+
+    def get(self, name: str) -> IMTRenderer:
+        if self.current is None or self.current[0] != name:
+            self.current = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.current = (name, copy.deepcopy(self.master).to(self.device, DTYPES[name]))
+        return self.current[1]
+
+
+class Source:
+    """One identity: features, identity vector, motion maps and the fast path's source cache."""
+
+    def __init__(self, model: IMTRenderer, image: torch.Tensor):
+        p = next(model.parameters())
+        image = image.to(p)
+        self.features, self.vector = model.encode_identity(image)
+        self.motion = model.encode_motion(image)
+        self.maps = model.decode_motion(model.adapt(self.motion, self.vector))
+        self.cache = model.prepare_source(self.maps, self.features)
+
+
+def render_batch(model: IMTRenderer, source: Source, latents: torch.Tensor, path: str) -> torch.Tensor:
+    """Motion latents `[b, 32]` → frames `[b, 3, S, S]` as the pipeline does it, on either path."""
+    maps = model.decode_motion(model.adapt(latents, source.vector.expand(latents.shape[0], -1)))
+    if path == "fast":
+        return model.render(maps, source=source.cache)
+    return model.render(maps, source.maps, source.features)
+
+
+def render_all(model, source, motion, batch, path, to_cpu=False) -> list[torch.Tensor]:
+    out = []
+    with path_context(path):
+        for start in range(0, motion.shape[0], batch):
+            frames = render_batch(model, source, motion[start:start + batch], path).float()
+            out.append(frames.to("cpu") if to_cpu else frames)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _generator_state() -> dict[str, torch.Tensor]:
+    return standin_state_dict("generator")
+
+
+def standin_generator(device, dtype) -> MotionGenerator:
+    model = MotionGenerator(GeneratorConfig()).eval()
+    model.load_state_dict(_generator_state(), strict=False)
+    return model.to(device, dtype).requires_grad_(False)
+
+
+def random_audio_encoder(device, dtype):
+    """wav2vec2-base (`Wav2Vec2Config()` defaults: 12 layers, width 768) with random weights."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from imtalker_core.generator.audio import AudioEncoder
+
+    torch.manual_seed(0)
+    wav2vec2 = Wav2Vec2Model._from_config(Wav2Vec2Config(), attn_implementation="eager")
+    return AudioEncoder(wav2vec2.eval(), do_normalize=True, sample_rate=SAMPLE_RATE, fps=FPS).to(
+        device, dtype).requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- sections
+
+def bench_anchor(args, device, timer, rows):
+    """The anchor attention alone at `--anchor-batch`: plain (expanded source, float32 map for both
+    values and argmax) vs fast (prepared kv, values by SDPA on GPUs, chunked argmax)."""
+    cfg = RendererConfig()
+    size, dim = cfg.anchor_resolution, cfg.feature_dims[::-1][3]
+    b = args.anchor_batch
+    torch.manual_seed(0)
+    for name in args.dtypes:
+        dtype = DTYPES[name]
+        attn = attention.FullAttention(dim, cfg.num_heads).eval().to(device, dtype).requires_grad_(False)
+        query = torch.randn(b, size * size, dim, device=device, dtype=dtype)
+        key = torch.randn(1, size * size, dim, device=device, dtype=dtype)
+        value = torch.randn(1, size * size, dim, device=device, dtype=dtype)
+        with precision_context(name, device):
+            if "plain" in args.paths:
+                with attention.fast_paths(False):
+                    keys, values = key.expand(b, -1, -1), value.expand(b, -1, -1)
+                    fn = lambda: attn(query, keys, values, return_argmax=True)  # noqa: E731
+                    fn()
+                    seconds, peak = timer(fn, repeats=3)
+                    plain_picks = fn()[1]
+                rows.append(dict(section="anchor", precision=name, path="plain", batch=b, seconds=seconds,
+                                 ms_per_frame=1000 * seconds / b, peak_gib=peak, note=timer.cpu_note()))
+            if "fast" in args.paths:
+                kv = attn.project_kv(key, value)
+                chunks = [None] + [mib << 20 for mib in args.chunk_mib]
+                for chunk in chunks:
+                    def fn(chunk=chunk):
+                        q = attention._split_heads(attn.q_proj(query), attn.num_heads)
+                        argmax, values = attention.head_mean_argmax(
+                            q, kv[0], attn.scale, kv[1] if attention._values_from_probs(device) else None, chunk)
+                        if values is None:
+                            values = attention.attend(q, *kv)
+                        return attn.proj(attention._merge_heads(values)), argmax
+                    fn()
+                    seconds, peak = timer(fn, repeats=3)
+                    note = "default chunk" if chunk is None else f"chunk {chunk >> 20} MiB"
+                    note += f"; {timer.cpu_note()}" if not timer.cuda else ""
+                    if chunk is None and "plain" in args.paths:
+                        note += f"; picks ≠ plain: {int((fn()[1] != plain_picks).sum())}"
+                    rows.append(dict(section="anchor", precision=name, path="fast", batch=b, seconds=seconds,
+                                     ms_per_frame=1000 * seconds / b, peak_gib=peak, note=note))
+
+
+def bench_renderer(args, device, timer, renderers, rows, best):
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 512, 512)
+    motion = torch.randn(max(args.batch_sizes) * math.ceil(args.frames / min(args.batch_sizes)), 32)
+    for name in args.dtypes:
+        model = renderers.get(name)
+        p = next(model.parameters())
+        with torch.no_grad(), precision_context(name, device):
+            prep, _ = timer(lambda: Source(model, image))
+            source = Source(model, image)
+            prep_cache, _ = timer(lambda: model.prepare_source(source.maps, source.features))
+            rows.append(dict(section="renderer", precision=name, path="fast", batch=1, seconds=prep_cache,
+                             note=f"prepare_source once per identity (identity encoding {1000 * prep:.1f} ms)"))
+            for bs in args.batch_sizes:
+                n = bs * math.ceil(args.frames / bs)
+                latents = motion[:n].to(p)
+                for path in args.paths:
+                    for _ in range(args.warmup):
+                        render_all(model, source, latents[:bs], bs, path)
+                # Repeats alternate between the paths so that a busy machine slows both alike.
+                results = {}
+                for _ in range(args.repeats):
+                    for path in args.paths:
+                        seconds, peak = timer(lambda: render_all(model, source, latents, bs, path))
+                        old = results.get(path, (math.inf, None, math.inf))
+                        results[path] = (min(seconds, old[0]), peak if old[1] is None else max(peak, old[1]),
+                                         min(timer.cpu_seconds, old[2]))
+                for path in args.paths:
+                    seconds, peak, cpu = results[path]
+                    note = "" if timer.cuda else f"process CPU time {cpu:.2f} s"
+                    rows.append(dict(section="renderer", precision=name, path=path, batch=bs, frames=n,
+                                     seconds=seconds, ms_per_frame=1000 * seconds / n, fps=n / seconds,
+                                     peak_gib=peak, note=note))
+                    key = (name, path)
+                    if key not in best or rows[-1]["fps"] > best[key][1]:
+                        best[key] = (bs, rows[-1]["fps"])
+            for path in args.paths:
+                # The nodes' output path: every batch copied to the CPU as float32.
+                bs = best[(name, path)][0]
+                n = bs * math.ceil(args.frames / bs)
+                seconds, peak = timer(lambda: render_all(model, source, motion[:n].to(p), bs, path, to_cpu=True))
+                rows.append(dict(section="renderer", precision=name, path=path, batch=bs, frames=n, seconds=seconds,
+                                 ms_per_frame=1000 * seconds / n, fps=n / seconds, peak_gib=peak,
+                                 note="frames copied to the CPU" + (f"; {timer.cpu_note()}" if not timer.cuda else "")))
+
+
+def bench_generator(args, device, timer, rows, cache):
+    frames = round(args.clip_seconds * FPS)
+    torch.manual_seed(0)
+    features = torch.randn(1, frames, 768)
+    ref = torch.randn(1, 32)
+    for name in args.dtypes:
+        gen = standin_generator(device, DTYPES[name])
+        fn = lambda: gen.sample(features.to(device), ref.to(device), cfg_scale=3.0, steps=10, seed=0)  # noqa: E731
+        with torch.no_grad(), precision_context(name, device):
+            for _ in range(args.warmup):
+                fn()
+            seconds, peak = timer(fn)
+        rows.append(dict(section="generator", precision=name, path="-", batch=1, frames=frames, seconds=seconds,
+                         ms_per_frame=1000 * seconds / frames, peak_gib=peak,
+                         note=f"{args.clip_seconds:g} s clip, cfg 3, 10 steps"))
+        cache[name] = gen if "clip" in args.sections else None
+
+
+def bench_audio(args, device, timer, rows, cache):
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        rows.append(dict(section="audio", precision="-", path="-", note="skipped: transformers is not installed"))
+        return
+    torch.manual_seed(0)
+    wave = torch.randn(1, round(args.clip_seconds * SAMPLE_RATE)) * 0.1
+    frames = round(args.clip_seconds * FPS)
+    for name in args.dtypes:
+        enc = random_audio_encoder(device, DTYPES[name])
+        fn = lambda: enc(wave.to(device), num_frames=frames)  # noqa: E731
+        with torch.no_grad(), precision_context(name, device):
+            for _ in range(args.warmup):
+                fn()
+            seconds, peak = timer(fn)
+        rows.append(dict(section="audio", precision=name, path="-", batch=1, frames=frames, seconds=seconds,
+                         ms_per_frame=1000 * seconds / frames, peak_gib=peak,
+                         note=f"random wav2vec2-base, {args.clip_seconds:g} s"))
+        cache[name] = enc if "clip" in args.sections else None
+
+
+def bench_clip(args, device, timer, renderers, rows, best, generators, encoders):
+    """Audio → frames on the CPU; the parts are timed in one pass each."""
+    frames = round(args.clip_seconds * FPS)
+    torch.manual_seed(0)
+    wave = torch.randn(1, round(args.clip_seconds * SAMPLE_RATE)) * 0.1
+    image = torch.rand(1, 3, 512, 512)
+    render_frames = frames if args.clip_render_frames is None else min(frames, args.clip_render_frames)
+    for name in args.dtypes:
+        model = renderers.get(name)
+        gen = generators.get(name) or standin_generator(device, DTYPES[name])
+        enc = encoders.get(name)
+        if enc is None:
+            try:
+                enc = random_audio_encoder(device, DTYPES[name])
+            except ImportError:
+                enc = None
+        with torch.no_grad(), precision_context(name, device):
+            source = Source(model, image)
+            for path in args.paths:
+                bs = best.get((name, path), (max(args.batch_sizes), 0))[0]
+                parts, out = {}, {}
+                if enc is not None:
+                    parts["audio"], _ = timer(lambda: out.update(features=enc(wave.to(device), num_frames=frames)))
+                    features = out["features"]
+                else:
+                    features = torch.randn(1, frames, 768, device=device)
+                parts["motion"], _ = timer(lambda: out.update(
+                    motion=gen.sample(features, source.motion, cfg_scale=3.0, steps=10, seed=0)[0]))
+                motion = out["motion"].to(source.vector.dtype)
+                seconds, peak = timer(lambda: render_all(model, source, motion[:render_frames], bs, path,
+                                                         to_cpu=True))
+                parts["render"] = seconds * frames / render_frames
+                total = sum(parts.values())
+                scaled = "" if render_frames == frames else f"; render scaled from {render_frames} frames"
+                detail = ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
+                rows.append(dict(section="clip", precision=name, path=path, batch=bs, frames=frames, seconds=total,
+                                 ms_per_frame=1000 * total / frames, fps=frames / total, peak_gib=peak,
+                                 note=f"{args.clip_seconds:g} s clip → CPU frames: {detail}; "
+                                      f"{args.clip_seconds / total:.1f}× real time{scaled}"
+                                      + ("" if enc is not None else "; no transformers: random features")))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.double().cpu() - b.double().cpu()).pow(2).mean().item()
+    return 10 * math.log10(1 / mse) if mse else math.inf
+
+
+def bench_parity(args, device, renderers, rows):
+    from safetensors.torch import load_file
+
+    golden = load_file(parity_file("renderer_golden.safetensors"))
+    images = {k: golden[k].permute(0, 3, 1, 2).float().div(255) if golden[k].dim() == 4
+              else golden[k].permute(2, 0, 1)[None].float().div(255) for k in ("source_u8", "driving_u8")}
+    results = {}
+    order = ["fp32"] + [d for d in args.dtypes if d != "fp32"]
+    for name in order:
+        model = renderers.get(name)
+        anchor = [m for m in model.imt if isinstance(m, CoarseTransfer)][-1]
+        p = next(model.parameters())
+        for path in args.paths:
+            picks = {}
+            hook = anchor.register_forward_hook(lambda mod, a, out: picks.update(argmax=out[1].cpu()))
+            try:
+                with torch.no_grad(), precision_context(name, device), path_context(path):
+                    source = Source(model, images["source_u8"])
+                    latents = model.encode_motion(images["driving_u8"].to(p))
+                    frames = render_batch(model, source, latents, path).float().cpu()
+            finally:
+                hook.remove()
+            results[(name, path)] = (frames, picks["argmax"])
+    for (name, path), (frames, picks) in results.items():
+        ref_frames, ref_picks = results[("fp32", path)]
+        note = f"PSNR vs golden (reference fp32 CPU) {psnr(frames, golden['frames']):.1f} dB"
+        if name != "fp32":
+            changed = int((picks != ref_picks).sum())
+            note += (f"; vs our fp32: {psnr(frames, ref_frames):.1f} dB, "
+                     f"anchor picks changed {changed} of {picks.numel()}")
+        elif path == "fast" and ("fp32", "plain") in results:
+            plain_frames, plain_picks = results[("fp32", "plain")]
+            note += (f"; vs plain fp32: max |Δ| {(frames - plain_frames).abs().max().item():.1e}, "
+                     f"picks changed {int((picks != plain_picks).sum())} of {picks.numel()}")
+        rows.append(dict(section="parity", precision=name, path=path, batch=2, note=note))
+
+
+# --------------------------------------------------------------------------- output
+
+def environment(device: torch.device) -> dict:
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
+           "device": str(device), "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["tf32_default"] = tf32_state()
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT,
+                                       capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = None
+    return env
+
+
+def fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| section | precision | path | batch | frames | time s | ms/frame | frames/s | peak GiB | notes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['section']} | {r.get('precision', '')} | {r.get('path', '')} | "
+                     f"{fmt(r.get('batch'), 'd')} | {fmt(r.get('frames'), 'd')} | {fmt(r.get('seconds'), '.3f')} | "
+                     f"{fmt(r.get('ms_per_frame'), '.2f')} | {fmt(r.get('fps'), '.1f')} | "
+                     f"{fmt(r.get('peak_gib'), '.2f')} | {r.get('note', '')} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES))
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--frames", type=int, default=8,
+                    help="frames rendered per measurement (rounded up to full batches)")
+    ap.add_argument("--paths", nargs="+", default=["plain", "fast"], choices=["plain", "fast"])
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    ap.add_argument("--skip", nargs="+", default=[], choices=SECTIONS)
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up batches before each measurement")
+    ap.add_argument("--repeats", type=int, default=1, help="renderer measurements per row (the best counts)")
+    ap.add_argument("--clip-seconds", type=float, default=10.0)
+    ap.add_argument("--clip-render-frames", type=int, default=None,
+                    help="frames actually rendered in the clip section (default: all on CUDA, --frames on a CPU)")
+    ap.add_argument("--anchor-batch", type=int, default=None, help="default: 8 on CUDA, 2 on a CPU")
+    ap.add_argument("--chunk-mib", type=int, nargs="*", default=None,
+                    help="extra fast-argmax chunk sizes for the anchor section "
+                         "(default: 64 1024 on CUDA, none on a CPU)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    cuda = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.sections = [s for s in args.sections if s not in args.skip]
+    if args.anchor_batch is None:
+        args.anchor_batch = 8 if cuda else 2
+    if args.chunk_mib is None:
+        args.chunk_mib = [64, 1024] if cuda else []
+    if args.clip_render_frames is None and not cuda:
+        args.clip_render_frames = args.frames
+    torch.set_grad_enabled(False)
+    env = environment(device)
+    print(f"torch {env['torch']}, {env['threads']} threads, "  # noqa: T201
+          f"device {env.get('gpu', env['device'])}", flush=True)
+
+    timer = Timer(device)
+    rows: list[dict] = []
+    best: dict = {}
+    generators: dict = {}
+    encoders: dict = {}
+    renderers = Renderers(device)
+    t0 = time.perf_counter()
+    steps = [("anchor", lambda a: bench_anchor(a, device, timer, rows)),
+             ("renderer", lambda a: bench_renderer(a, device, timer, renderers, rows, best)),
+             ("generator", lambda a: bench_generator(a, device, timer, rows, generators)),
+             ("audio", lambda a: bench_audio(a, device, timer, rows, encoders)),
+             ("clip", lambda a: bench_clip(a, device, timer, renderers, rows, best, generators, encoders)),
+             ("parity", lambda a: bench_parity(a, device, renderers, rows))]
+    for section, run in steps:
+        if section not in args.sections:
+            continue
+        start = time.perf_counter()
+        before = len(rows)
+        # One precision at a time (parity needs them together), so that a failure (an unsupported
+        # kernel, out of memory) costs only its own rows.
+        groups = [args.dtypes] if section == "parity" else [[name] for name in args.dtypes]
+        for group in groups:
+            try:
+                run(argparse.Namespace(**{**vars(args), "dtypes": group}))
+            except Exception as err:  # noqa: BLE001 - reported in the table, the other rows kept
+                rows.append({"section": section, "precision": " ".join(group),
+                             "note": f"FAILED: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"})
+                if cuda:
+                    torch.cuda.empty_cache()
+        print(f"[{section}: {time.perf_counter() - start:.1f} s]", flush=True)  # noqa: T201
+        for r in rows[before:]:
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+            print("   ", shown, flush=True)  # noqa: T201
+    print(f"\n{env}\n\n{table(rows)}\n\ntotal {time.perf_counter() - t0:.0f} s")  # noqa: T201
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, "args": {k: str(v) if isinstance(v, Path) else v
+                                                                      for k, v in vars(args).items()},
+                                         "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

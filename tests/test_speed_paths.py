@@ -1,0 +1,339 @@
+"""The fast renderer paths (issue 11) against the plain ones they replace, on tiny configs (CPU).
+
+- the chunked head-mean argmax picks exactly what the plain float32 map picks (random inputs,
+  exact ties → lowest index, near-ties, half-precision inputs, every chunking);
+- attention outputs, window attention and the guided resampler match the plain paths;
+- rendering with a prepared source equals rendering without one, and the plain render;
+- the state dict is unchanged, the TF32 context restores the caller's flags, and the speed
+  benchmark imports without the media libraries.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imtalker_core import IMTRenderer
+from imtalker_core.config import tiny_renderer_config
+from imtalker_core.layers import attention as A
+from imtalker_core.precision import fp32_matmul, tf32_state
+from imtalker_core.renderer.transfer import CoarseTransfer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def plain_picks(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """The plain path's picks written out: float32 logits scaled after the product, softmax per
+    head over the whole key set, mean over heads, argmax. q `[B, H, Nq, d]`, k `[B or 1, H, Nk, d]`."""
+    attn = ((q.float() @ k.float().transpose(-2, -1)) * scale).softmax(dim=-1)
+    return attn.mean(dim=1).argmax(dim=-1)
+
+
+def random_qk(b, kb, h, nq, nk, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, nq, d, generator=g).to(dtype)
+    k = torch.randn(kb, h, nk, d, generator=g).to(dtype)
+    return q, k
+
+
+@pytest.mark.parametrize("kb", [1, 3], ids=["shared-keys", "per-frame-keys"])
+@pytest.mark.parametrize("d", [16, 8], ids=["scale-power-of-two", "scale-not-power-of-two"])
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 4096, 1 << 30], ids=["default", "one-row", "some-rows", "one-chunk"])
+def test_argmax_equals_plain_on_random_inputs(kb, d, chunk_bytes):
+    q, k = random_qk(3, kb, 4, 50, 70, d)
+    scale = d ** -0.5
+    picks, values = A.head_mean_argmax(q, k, scale, chunk_bytes=chunk_bytes)
+    assert values is None
+    assert picks.dtype == torch.int64 and picks.shape == (3, 50)
+    assert torch.equal(picks, plain_picks(q, k, scale))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_picks_come_from_float32_logits(dtype):
+    """Half-precision q/k give exactly the plain path's picks: both upcast before the product."""
+    q, k = random_qk(2, 1, 8, 64, 64, 16, dtype=dtype, seed=1)
+    picks, _ = A.head_mean_argmax(q, k, 0.25, chunk_bytes=8 * 64 * 4 * 5)
+    assert torch.equal(picks, plain_picks(q, k, 0.25))
+
+
+def test_exact_ties_pick_the_lowest_index():
+    """Duplicated keys tie exactly (small dyadic values: every product and sum is exact in any
+    order), in every head; the lowest index wins as with torch.argmax, whatever the chunking."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(-3, 4, (2, 4, 40, 16), generator=g).float() / 4
+    k = torch.randint(-3, 4, (1, 4, 60, 16), generator=g).float() / 4
+    best = torch.zeros(4, 16)
+    best[:, :] = 1.0
+    k[0, :, 7] = best
+    k[0, :, 30] = best
+    k[0, :, 59] = best
+    q[:, :, :10] = 1.0  # these queries prefer the duplicated key by a wide margin
+    expected = plain_picks(q, k, 0.25)
+    assert (expected[:, :10] == 7).all()
+    for chunk in (None, 1, 4 * 60 * 4 * 3):
+        picks, _ = A.head_mean_argmax(q, k, 0.25, chunk_bytes=chunk)
+        assert torch.equal(picks, expected)
+
+
+@pytest.mark.parametrize("margin", [1e-3, 1e-5])
+def test_near_ties_are_resolved_like_the_plain_path(margin):
+    """Two keys whose head-averaged weights differ by a small relative margin: the larger one is
+    picked by both paths, whether it comes first or second."""
+    q, k = random_qk(1, 1, 4, 32, 48, 16, seed=3)
+    target = q[0, :, 0].clone()  # query 0 of every head points at keys 11 and 40
+    k[0, :, 11] = target
+    k[0, :, 40] = target * (1 + margin)
+    k[0, :, 5] = target * (1 - margin)
+    picks, _ = A.head_mean_argmax(q, k, 0.25)
+    expected = plain_picks(q, k, 0.25)
+    assert expected[0, 0] == 40
+    assert torch.equal(picks, expected)
+
+
+def test_values_from_the_same_probabilities():
+    q, k = random_qk(2, 1, 4, 30, 40, 8, seed=4)
+    v = torch.randn(1, 4, 40, 8)
+    picks, values = A.head_mean_argmax(q, k, 8 ** -0.5, v, chunk_bytes=4 * 40 * 4 * 7)
+    attn = ((q @ k.transpose(-2, -1)) * 8 ** -0.5).softmax(dim=-1)
+    assert torch.equal(picks, attn.mean(dim=1).argmax(dim=-1))
+    torch.testing.assert_close(values, attn @ v, rtol=0, atol=1e-6)
+    torch.testing.assert_close(A.attend(q, k, v), attn @ v, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("values_from_probs", [True, False], ids=["cpu-route", "gpu-route"])
+def test_full_attention_fast_equals_plain(monkeypatch, values_from_probs):
+    """Both routes of the fast path (values from the float32 map on CPUs, SDPA elsewhere) against
+    the plain path, with the source projected once and shared by the batch."""
+    monkeypatch.setattr(A, "_values_from_probs", lambda device: values_from_probs)
+    torch.manual_seed(5)
+    attn = A.FullAttention(32, 4).eval()
+    query, key, value = torch.randn(3, 64, 32), torch.randn(1, 64, 32), torch.randn(1, 64, 32)
+    with torch.no_grad():
+        with A.fast_paths(False):
+            ref_out, ref_picks = attn(query, key.expand(3, -1, -1), value.expand(3, -1, -1), return_argmax=True)
+            ref_plain = attn(query, key.expand(3, -1, -1), value.expand(3, -1, -1))
+        out, picks = attn(query, return_argmax=True, kv=attn.project_kv(key, value))
+        out2, picks2 = attn(query, key, value, return_argmax=True)
+        plain = attn(query, key, value)
+    assert torch.equal(picks, ref_picks) and torch.equal(picks2, ref_picks)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out2, ref_out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain, ref_plain, rtol=0, atol=1e-6)
+
+
+def test_guided_resample_fast_equals_plain():
+    torch.manual_seed(6)
+    value = torch.randn(3, 5, 32, 32)
+    argmax = torch.randint(0, 64, (3, 64))
+    with A.fast_paths(False):
+        expected = A.guided_resample(value, argmax, 8)
+    assert torch.equal(A.guided_resample(value, argmax, 8), expected)
+    pooled = A.pool_for_resample(value[:1], 8)
+    with A.fast_paths(False):
+        shared = A.guided_resample(value[:1].expand(3, -1, -1, -1), argmax, 8)
+    assert torch.equal(A.resample_pooled(pooled, argmax, 8, 32), shared)
+
+
+@pytest.mark.parametrize("shift", [0, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_attention_fast_equals_plain(shift, dtype):
+    torch.manual_seed(7)
+    block = A.SwinBlock(16, 32, 2, 8, shift).eval().to(dtype)
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_()
+    x = torch.randn(2, 16, 32, 32).to(dtype)
+    with torch.no_grad():
+        with A.fast_paths(False):
+            expected = block(x)
+        got = block(x)
+        # The cached bias follows in-place changes of the table (load_state_dict copies in place).
+        state = {k: v.clone() for k, v in block.state_dict().items()}
+        state["attn.relative_position_bias_table"].mul_(-1)
+        block.load_state_dict(state)
+        with A.fast_paths(False):
+            expected2 = block(x)
+        got2 = block(x)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, expected, rtol=0, atol=tol)
+    torch.testing.assert_close(got2, expected2, rtol=0, atol=tol)
+    assert not torch.allclose(got, got2)
+
+
+def test_window_bias_gets_gradients_when_training():
+    block = A.SwinBlock(16, 16, 2, 8, 4)
+    block(torch.randn(1, 16, 16, 16)).sum().backward()
+    assert block.attn.relative_position_bias_table.grad is not None
+    assert block.attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A seeded tiny renderer, one source (batch 1) and three driving frames' motion maps."""
+    torch.manual_seed(8)
+    model = IMTRenderer(tiny_renderer_config()).eval().requires_grad_(False)
+    with torch.no_grad():
+        source, driving = torch.rand(1, 3, 128, 128), torch.rand(3, 3, 128, 128)
+        features, vector = model.encode_identity(source)
+        source_maps = model.decode_motion(model.adapt(model.encode_motion(source), vector))
+        driving_maps = model.decode_motion(model.adapt(model.encode_motion(driving), vector.expand(3, -1)))
+    return model, features, source_maps, driving_maps
+
+
+def _render_with_picks(model, *args, **kwargs):
+    picks = {}
+    anchor = [m for m in model.imt if isinstance(m, CoarseTransfer)][-1]
+    hook = anchor.register_forward_hook(lambda mod, a, out: picks.update(argmax=out[1]))
+    try:
+        with torch.no_grad():
+            frames = model.render(*args, **kwargs)
+    finally:
+        hook.remove()
+    return frames, picks["argmax"]
+
+
+def test_cached_source_render_equals_uncached(tiny):
+    model, features, source_maps, driving_maps = tiny
+    with A.fast_paths(False):
+        plain, plain_picks_ = _render_with_picks(model, driving_maps, source_maps, features)
+    uncached, picks = _render_with_picks(model, driving_maps, source_maps, features)
+    with torch.no_grad():
+        cache = model.prepare_source(source_maps, features)
+    cached, cached_picks = _render_with_picks(model, driving_maps, source=cache)
+    assert torch.equal(cached, uncached) and torch.equal(cached_picks, picks)
+    assert torch.equal(picks, plain_picks_)
+    torch.testing.assert_close(cached, plain, rtol=0, atol=1e-6)
+    # The plain path accepts a cache too (it re-reads the inputs the cache keeps).
+    with A.fast_paths(False):
+        again, _ = _render_with_picks(model, driving_maps, source=cache)
+    assert torch.equal(again, plain)
+
+
+def test_cached_source_with_a_batch_of_sources(tiny):
+    model, features, source_maps, driving_maps = tiny
+    feats3 = [f.expand(3, -1, -1, -1).contiguous() for f in features]
+    maps3 = [m.expand(3, -1, -1, -1).contiguous() for m in source_maps]
+    with torch.no_grad():
+        cache = model.prepare_source(maps3, feats3)
+    frames, picks = _render_with_picks(model, driving_maps, source=cache)
+    with A.fast_paths(False):
+        plain, plain_picks_ = _render_with_picks(model, driving_maps, source_maps, features)
+    assert torch.equal(picks, plain_picks_)
+    torch.testing.assert_close(frames, plain, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="batch"):
+        model.render([m[:2] for m in driving_maps], source=cache)
+
+
+def test_cache_in_another_dtype_is_refused(tiny):
+    model, features, source_maps, driving_maps = tiny
+    with torch.no_grad():
+        cache = model.prepare_source(source_maps, features)
+    with pytest.raises(ValueError, match="prepare it again"):
+        model.render([m.double() for m in driving_maps], source=cache)
+    with pytest.raises(TypeError):
+        model.render(driving_maps)
+
+
+def test_state_dict_unchanged_by_the_fast_paths(tiny):
+    model, features, source_maps, driving_maps = tiny
+    fresh = IMTRenderer(tiny_renderer_config())
+    with torch.no_grad():
+        model.render(driving_maps, source_maps, features)  # fills the window-bias caches
+    assert list(model.state_dict()) == list(fresh.state_dict())
+
+
+def test_fast_paths_switch_restores():
+    assert A.fast_paths_enabled()
+    with pytest.raises(RuntimeError):
+        with A.fast_paths(False):
+            assert not A.fast_paths_enabled()
+            raise RuntimeError
+    assert A.fast_paths_enabled()
+
+
+def test_fp32_matmul_sets_and_restores_tf32_flags():
+    before = tf32_state()
+    with fp32_matmul(device="cpu"):  # a CPU device: nothing to do
+        assert tf32_state() == before
+    with pytest.raises(KeyError):
+        with fp32_matmul(allow_tf32=False, device="cuda"):  # flags only: works without a GPU
+            assert tf32_state() == {"matmul": False, "conv": False}
+            with fp32_matmul(allow_tf32=True, device="cuda"):
+                assert tf32_state() == {"matmul": True, "conv": True}
+            assert tf32_state() == {"matmul": False, "conv": False}
+            raise KeyError
+    assert tf32_state() == before
+
+
+NEW_API_SCRIPT = """
+import torch
+from imtalker_core.precision import fp32_matmul, tf32_state
+if not hasattr(torch.backends.cudnn, "conv"):
+    raise SystemExit(0)  # torch < 2.9: no per-backend settings to mix
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+torch.backends.cudnn.conv.fp32_precision = "ieee"
+before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+          torch.backends.cudnn.rnn.fp32_precision)
+with fp32_matmul(device="cuda"):
+    assert tf32_state() == {"matmul": "ieee", "conv": "ieee"}, tf32_state()
+after = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+         torch.backends.cudnn.rnn.fp32_precision)
+assert after == before, (after, before)
+"""
+
+
+def test_fp32_matmul_with_the_new_tf32_api():
+    """A caller who set torch's per-backend `fp32_precision` gets exactly those settings back
+    (in a subprocess: the flags are process-wide)."""
+    result = subprocess.run([sys.executable, "-c", NEW_API_SCRIPT], check=False, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_speed_benchmark_imports_without_media_libraries():
+    """The GPU machine may lack av, cv2, soxr and soundfile: the benchmark must not need them."""
+    code = ("import sys\n"
+            "for name in ('av', 'cv2', 'soxr', 'soundfile'):\n"
+            "    sys.modules[name] = None\n"
+            "import runpy\n"
+            f"runpy.run_path({str(ROOT / 'benchmarks' / 'speed.py')!r}, run_name='not_main')\n"
+            "assert not [m for m in sys.modules if m.startswith(('imtalker_core.media', 'imtalker_core.runner'))]\n")
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_sdpa_scale_matches_the_module_scale():
+    """`attend` relies on SDPA's default scale 1/√d being FullAttention's scale."""
+    q, k = random_qk(1, 1, 2, 5, 6, 12, seed=9)
+    v = torch.randn(1, 2, 6, 12)
+    expected = ((q @ k.transpose(-2, -1)) * A.FullAttention(24, 2).scale).softmax(-1) @ v
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), expected, rtol=0, atol=1e-6)
+
+
+def test_models_built_under_inference_mode_render(tmp_path):
+    """ComfyUI runs nodes under torch.inference_mode, so the renderer's weights are inference tensors,
+    which keep no version counter: the cached window-attention bias must cope, and follow a reload."""
+    from imtalker_core.config import tiny_renderer_config
+    from imtalker_core.renderer import IMTRenderer
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = IMTRenderer(tiny_renderer_config()).eval()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        image = torch.rand(1, 3, 128, 128)
+        features, vector = model.encode_identity(image)
+        maps = model.decode_motion(model.adapt(model.encode_motion(image), vector))
+        first = model.render(maps, maps, features)
+        tables = [k for k in state if k.endswith("relative_position_bias_table")]
+        assert tables
+        changed = dict(state, **{k: state[k] + 1.0 for k in tables})
+        model.load_state_dict(changed)
+        second = model.render(maps, maps, features)
+        model.load_state_dict(state)
+        third = model.render(maps, maps, features)
+    assert not torch.equal(first, second)  # the reloaded table was used, not a stale cached bias
+    assert torch.equal(first, third)
