@@ -328,6 +328,15 @@ def check_filename_prefix(filename_prefix: str) -> None:
                          "'IMTalker/talking' (sub-folders allowed)")
 
 
+def filename_prefix_problem(filename_prefix: str) -> bool | str:
+    """For `VALIDATE_INPUTS`: True when the prefix names a file, else the message ComfyUI shows."""
+    try:
+        check_filename_prefix(filename_prefix)
+    except InputError as err:
+        return str(err)
+    return True
+
+
 def next_output_path(filename_prefix: str, extension: str, width: int = 0, height: int = 0
                      ) -> tuple[str, str, str]:
     """A new `(full_path, filename, subfolder)` in the output folder, numbered like SaveVideo.

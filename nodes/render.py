@@ -129,11 +129,7 @@ class IMTalkerRenderToVideo:
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix):
-        try:
-            bridge.check_filename_prefix(filename_prefix)
-        except InputError as err:
-            return str(err)
-        return True
+        return bridge.filename_prefix_problem(filename_prefix)
 
     def render(self, renderer: ManagedModel, identity: Identity, motion: Motion, filename_prefix: str,
                batch_size: int, audio: dict | None = None, crop: CropBox | None = None,

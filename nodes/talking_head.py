@@ -92,11 +92,7 @@ class IMTalkerTalkingHead:
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix):
-        try:
-            bridge.check_filename_prefix(filename_prefix)
-        except InputError as err:
-            return str(err)
-        return True
+        return bridge.filename_prefix_problem(filename_prefix)
 
     def run(self, renderer: ManagedModel, generator: GeneratorModels, image: torch.Tensor, audio: dict, seed: int,
             steps: int, cfg_scale: float, noise: str, crop: bool, batch_size: int, output: str,
