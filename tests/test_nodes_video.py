@@ -372,7 +372,16 @@ def test_encode_motion_centre_crops_non_square_frames(pack, renderer, fake_encod
 
 def test_encode_identity_centre_crops_a_non_square_portrait(pack, sub, renderer, monkeypatch, caplog):
     sources = []
-    monkeypatch.setattr(sub("nodes.encode"), "encode_identity", lambda module, image: sources.append(image) or "id")
+
+    class FakeIdentity:
+        def to(self, device=None, dtype=None):
+            return "id"
+
+    def fake_encode(module, image, **progress_and_cancel):
+        sources.append(image)
+        return FakeIdentity()
+
+    monkeypatch.setattr(sub("nodes.encode"), "encode_identity", fake_encode)
     with caplog.at_level(logging.WARNING):
         (identity,) = run(pack, "IMTalkerEncodeIdentity", renderer=renderer, image=red_green_blue(150, 60))
     assert identity == "id" and sources[0].shape == (1, 3, 512, 512)
