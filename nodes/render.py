@@ -22,14 +22,21 @@ log = logging.getLogger(__name__)
 BYTES_PER_FRAME = 512 * 1024 * 1024
 
 BATCH_SIZE_INPUT = ("INT", {
-    "default": 4, "min": 1, "max": 64,
-    "tooltip": "Frames rendered at once on the GPU: higher is faster until memory runs out."})
+    "default": 0, "min": 0, "max": 64,
+    "tooltip": "Frames rendered at once. 0 = auto: 1 on the CPU (the bar and Cancel then act on every frame), "
+               "on a GPU as many as its free memory holds (up to 32). Higher is faster until memory runs out."})
+#: Most frames an automatic batch holds: beyond this a GPU renders no faster (H200: 260 frames/s at 32).
+MAX_AUTO_BATCH = 32
 
 
 def _render_setup(renderer: ManagedModel, motion: Motion, batch_size: int):
-    """Load the renderer for `batch_size` frames; returns (module, progress)."""
+    """Load the renderer for `batch_size` frames (0: chosen by `bridge.auto_batch_size`);
+    returns (module, progress, batch size)."""
+    if batch_size == 0:
+        batch_size = bridge.auto_batch_size(BYTES_PER_FRAME, MAX_AUTO_BATCH)
+        log.info("IMTalker: rendering %d frame(s) at a time (batch_size 0 = auto)", batch_size)
     module = bridge.ensure_loaded(renderer, memory_required=batch_size * BYTES_PER_FRAME)
-    return module, bridge.Progress(motion.frames, "rendering frames")
+    return module, bridge.Progress(motion.frames, "rendering frames"), batch_size
 
 
 #: Share of the machine's memory an IMAGE output may take before Render warns.
@@ -74,7 +81,7 @@ class IMTalkerRender:
 
     def render(self, renderer: ManagedModel, identity: Identity, motion: Motion, batch_size: int,
                pad_to_even: bool = True):
-        module, progress = _render_setup(renderer, motion, batch_size)
+        module, progress, batch_size = _render_setup(renderer, motion, batch_size)
         size = module.cfg.image_size
         warn_if_frames_fill_memory(motion.frames, size, size)
         # Filled in place: concatenating batches would need twice the memory at the end.
@@ -140,7 +147,7 @@ class IMTalkerRenderToVideo:
                              "back, or neither")
         if crop is not None:
             original = check_originals(original, crop, motion.frames)
-        module, progress = _render_setup(renderer, motion, batch_size)
+        module, progress, batch_size = _render_setup(renderer, motion, batch_size)
         size = module.cfg.image_size
         width, height = (crop.image_w, crop.image_h) if crop is not None else (size, size)
         path, filename, subfolder = bridge.next_output_path(filename_prefix, "mp4", width, height)

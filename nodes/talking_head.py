@@ -121,7 +121,7 @@ class IMTalkerTalkingHead:
                                                               cfg_scale=cfg_scale, noise=noise, controls=controls)
         bridge.check_interrupt()
 
-        module, progress = _render_setup(renderer, motion, batch_size)
+        module, progress, batch_size = _render_setup(renderer, motion, batch_size)
         size = module.cfg.image_size
         height, width = (box.image_h, box.image_w) if box is not None else (size, size)
         batches = render_batches(module, identity, motion.latents, batch_size=batch_size, output_device="cpu",

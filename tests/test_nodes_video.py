@@ -425,7 +425,7 @@ def test_render_pads_odd_sizes_to_even(pack, sub, monkeypatch):
     render_module = sub("nodes.render")
     drawn = torch.rand(3, 3, 5, 5)
     module = types.SimpleNamespace(cfg=types.SimpleNamespace(image_size=5))
-    monkeypatch.setattr(render_module, "_render_setup", lambda renderer, motion, batch_size: (module, None))
+    monkeypatch.setattr(render_module, "_render_setup", lambda renderer, motion, batch_size: (module, None, batch_size))
 
     def fake_batches(module, identity, latents, batch_size, **_):
         for start in range(0, latents.shape[0], batch_size):
@@ -504,3 +504,33 @@ def test_render_warns_before_an_image_batch_would_fill_memory(pack, sub, monkeyp
     assert notes == []
     render.warn_if_frames_fill_memory(1000, 512, 512)  # 2.9 GiB > 25 % of 8 GiB
     assert len(notes) == 1 and "Render To Video" in notes[0] and "2.9 GiB" in notes[0]
+
+
+def test_auto_batch_size_is_one_on_the_cpu_and_fits_free_gpu_memory(sub, monkeypatch):
+    bridge = sub("nodes.bridge")
+    gib = 2 ** 30
+    assert bridge.auto_batch_size(gib // 2, 32) == 1  # standalone: the CPU
+    fake_mm = types.SimpleNamespace(get_torch_device=lambda: torch.device("cuda", 0),
+                                    get_free_memory=lambda device: 10 * gib)
+    monkeypatch.setattr(bridge, "_comfy", lambda name: fake_mm if name == "comfy.model_management" else None)
+    assert bridge.auto_batch_size(gib // 2, 32) == 16  # 80 % of 10 GiB in 0.5 GiB frames
+    assert bridge.auto_batch_size(gib // 2, 8) == 8
+    fake_mm.get_free_memory = lambda device: gib // 4
+    assert bridge.auto_batch_size(gib // 2, 32) == 1
+
+
+def test_render_with_auto_batch_size_renders_every_frame(pack, sub, renderer, monkeypatch):
+    render = sub("nodes.render")
+    seen = []
+    real = render.render_batches
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["batch_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(render, "render_batches", spy)
+    encode = sub("nodes.encode")
+    identity = encode.IMTalkerEncodeIdentity().encode(renderer, torch.rand(1, 512, 512, 3))[0]
+    motion = sub("nodes.types").Motion(torch.zeros(2, 32), 25.0)
+    (frames,) = render.IMTalkerRender().render(renderer, identity, motion, batch_size=0)
+    assert seen == [1] and frames.shape[0] == 2
