@@ -102,8 +102,8 @@ class IMTalkerCropFace:
                                "Larger keeps more hair and shoulders."}),
                 "on_no_face": (["error", "center"], {
                     "default": "error",
-                    "tooltip": "What to do when no face is found in a single image: stop with an error, or use "
-                               "the centred square. A batch without faces always uses the centred square."}),
+                    "tooltip": "What to do when no face is found (in a batch: in none of the sampled frames): "
+                               "stop with an error, or use the centred square."}),
             }
         }
 
@@ -128,7 +128,8 @@ class IMTalkerCropFace:
                                   no_face_hint=NO_FACE_HINT)
             faces = face[None]
         else:
-            box = stable_video_box(images, scale=scale, sample_every=VIDEO_SAMPLE_EVERY)
+            box = stable_video_box(images, scale=scale, sample_every=VIDEO_SAMPLE_EVERY, on_no_face=on_no_face,
+                                   no_face_hint=NO_FACE_HINT)
             faces = torch.stack([crop_box(frame, box, CROP_SIZE) for frame in images])
         mask = torch.from_numpy(paste_mask(box, (height, width), feather=0.0))[None]
         return (faces.float().contiguous(), box, mask)

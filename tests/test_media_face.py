@@ -656,3 +656,12 @@ def test_several_faces_in_a_video_warn_once(two_faces: np.ndarray, photo: np.nda
     with caplog.at_level(logging.WARNING, logger="imtalker_core.media.face"):
         stable_video_box([alone, alone], sample_every=1)
     assert warnings_of(caplog) == []
+
+
+def test_stable_box_without_faces_can_refuse() -> None:
+    frames = np.full((3, 90, 120, 3), 0.5, dtype=np.float32)
+    with pytest.raises(InputError, match=r"No face found in any of the 1 sampled frames.*my hint"):
+        stable_video_box(frames, on_no_face="error", no_face_hint="my hint")
+    assert stable_video_box(frames) == center_box(90, 120)
+    with pytest.raises(InputError, match="on_no_face"):
+        stable_video_box(frames, on_no_face="skip")  # type: ignore[arg-type]

@@ -379,6 +379,11 @@ def test_crop_face_without_face(pack, sub):
         run(pack, "IMTalkerCropFace", image=blank, scale=1.6, on_no_face="error")
     face, box, _ = run(pack, "IMTalkerCropFace", image=blank, scale=1.6, on_no_face="center")
     assert face.shape == (1, 512, 512, 3) and box.size == 300
+    # A batch follows the same option (it used to fall back to the centre whatever was asked).
+    with pytest.raises(sub("imtalker_core.errors").InputError, match="No face.*on_no_face"):
+        run(pack, "IMTalkerCropFace", image=blank.repeat(3, 1, 1, 1), scale=1.6, on_no_face="error")
+    faces, _, _ = run(pack, "IMTalkerCropFace", image=blank.repeat(3, 1, 1, 1), scale=1.6, on_no_face="center")
+    assert faces.shape == (3, 512, 512, 3)
 
 
 def test_crop_face_batch_uses_one_box(pack, sub, media_dir):

@@ -287,7 +287,8 @@ def crop_face(image_hw3: ArrayLike, scale: float = 1.6, size: int = 512,
 
 
 def stable_video_box(frames: Iterable[ArrayLike] | ArrayLike, scale: float = 1.6, sample_every: int = 15,
-                     border: Border = "shift") -> CropBox:
+                     border: Border = "shift", on_no_face: Literal["error", "center"] = "center",
+                     no_face_hint: str = "use a centred crop, or crop the frames yourself") -> CropBox:
     """One crop box for a whole video: median face centre and size over sampled frames.
 
     ``frames`` is any iterable of ``[H, W, 3]`` frames (uint8 or float ``[0, 1]``, numpy or
@@ -296,9 +297,12 @@ def stable_video_box(frames: Iterable[ArrayLike] | ArrayLike, scale: float = 1.6
     face are ignored. Like the reference, the median centre and median width/height of the
     detected boxes define the square (side ``max(median w, median h) * scale``), placed by
     ``border`` as in `box_around` (the reference also slides its video crop inside the frame).
-    If no sampled frame has a face a centred square is returned and a warning logged; this
-    never raises for a missing face, so a video with a face turned away still produces output.
+    If no sampled frame has a face, ``on_no_face='center'`` (the default, so a video with the face
+    turned away still produces output) returns the centred square with a warning, and ``'error'``
+    raises `InputError` ending with ``no_face_hint``.
     """
+    if on_no_face not in ("error", "center"):
+        raise InputError(f"on_no_face must be 'error' or 'center', got {on_no_face!r}")
     if sample_every < 1:
         raise InputError(f"sample_every must be at least 1, got {sample_every}")
     _check_border(border)
@@ -335,6 +339,9 @@ def stable_video_box(frames: Iterable[ArrayLike] | ArrayLike, scale: float = 1.6
         raise InputError("the video has no frames, so there is no face to locate")
     height, width = shape
     if not widths:
+        if on_no_face == "error":
+            raise InputError(f"No face found in any of the {sampled} sampled frames (every {sample_every}th); "
+                             f"{no_face_hint}")
         logger.warning("no face found in any of %d sampled video frames; using the centred square", sampled)
         return center_box(height, width)
     cx, cy = float(np.median(centres_x)), float(np.median(centres_y))
