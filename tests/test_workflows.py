@@ -91,6 +91,22 @@ def widget_inputs(definition: dict) -> list[tuple[str, list]]:
     return [(name, input_spec(definition, name)) for name in names if is_widget(input_spec(definition, name))]
 
 
+# The frontend's Comfy.UploadImage extension gives a combo with one of these an upload button: a widget of
+# its own, added after the node's required inputs, whose value ("image") is saved in widgets_values.
+MEDIA_UPLOAD_OPTIONS = ("image_upload", "video_upload", "animated_image_upload")
+
+
+def is_upload_combo(spec) -> bool:
+    """A file list with an upload button: its options are whatever is in the input folder."""
+    return is_widget(spec) and len(spec) > 1 and any(spec[1].get(key) for key in (*MEDIA_UPLOAD_OPTIONS,
+                                                                                  "audio_upload"))
+
+
+def has_media_upload_button(definition: dict) -> bool:
+    return any(spec[1].get(key) for _, spec in widget_inputs(definition) if len(spec) > 1
+               for key in MEDIA_UPLOAD_OPTIONS)
+
+
 def adds_control_widget(name: str, spec) -> bool:
     """INT seeds get an extra frontend-only 'control after generate' value in widgets_values."""
     return spec[0] == "INT" and (spec[1].get("control_after_generate") or name in ("seed", "noise_seed"))
@@ -183,6 +199,8 @@ def test_workflow_inputs_are_connected_and_values_valid(path, defs):
             choices = kind if isinstance(kind, list) else options.get("options")
             if entry["class_type"].startswith("IMTalker") and name in OFFICIAL_MODEL_VALUES:
                 assert value == OFFICIAL_MODEL_VALUES[name], where
+            elif is_upload_combo(spec):
+                pass  # the files in this machine's input folder; test_workflow_inputs_are_the_packs_examples
             elif choices:
                 assert value in choices, f"{where}: {name}={value!r} not in {choices}"
             if kind in ("INT", "FLOAT"):
@@ -199,9 +217,68 @@ def test_ui_to_api_skips_control_after_generate_value(defs):
     motion = next(v for v in prompt.values() if v["class_type"] == "IMTalkerAudioToMotion")
     assert {k: motion["inputs"][k] for k in ("seed", "steps", "cfg_scale")} == {"seed": 42, "steps": 10,
                                                                               "cfg_scale": 3.0}
-    video = next(v for v in prompt.values() if v["class_type"] == "CreateVideo")
-    assert isinstance(video["inputs"]["fps"], list)  # the frame rate comes from Audio To Motion
     assert not any(v["class_type"] in FRONTEND_ONLY for v in prompt.values())
+
+
+def linked_from(prompt: dict, entry: dict, name: str) -> tuple[str, int]:
+    """(class_type, output slot) of the node that feeds input `name` of a prompt entry."""
+    source, slot = entry["inputs"][name]
+    return prompt[source]["class_type"], slot
+
+
+def test_audio_portrait_workflow_streams_into_an_mp4(defs):
+    """Render To Video encodes the frames as they are rendered: no IMAGE batch of every frame is kept."""
+    workflow = json.loads((ROOT / "workflows" / "imtalker_audio_portrait.json").read_text())
+    prompt = ui_to_api(workflow, defs)
+    assert sorted(v["class_type"] for v in prompt.values()) == [
+        "IMTalkerAudioToMotion", "IMTalkerCropFace", "IMTalkerEncodeIdentity", "IMTalkerLoadGenerator",
+        "IMTalkerLoadRenderer", "IMTalkerRenderToVideo", "LoadAudio", "LoadImage"]
+    video = next(v for v in prompt.values() if v["class_type"] == "IMTalkerRenderToVideo")
+    assert linked_from(prompt, video, "motion") == ("IMTalkerAudioToMotion", 0)
+    assert linked_from(prompt, video, "audio") == ("IMTalkerAudioToMotion", 1)  # the speech, muxed
+    assert linked_from(prompt, video, "identity") == ("IMTalkerEncodeIdentity", 0)
+    assert {k: v for k, v in video["inputs"].items() if not isinstance(v, list)} == {
+        "filename_prefix": "IMTalker/portrait", "batch_size": 0, "feather": 0.1}  # batch_size 0 = auto
+    assert not {"crop", "original"} & set(video["inputs"])  # the face crop itself, as before: no paste-back
+
+
+def test_video_reenactment_workflow_reads_and_writes_the_video_streaming(defs):
+    """Video To Motion reads the driving file frame by frame and Render To Video encodes as it renders, in place
+    of Load Video → Get Video Components → Crop Face → Encode Motion → Render → Create Video → Save Video."""
+    workflow = json.loads((ROOT / "workflows" / "imtalker_video_reenactment.json").read_text())
+    prompt = ui_to_api(workflow, defs)
+    assert sorted(v["class_type"] for v in prompt.values()) == [
+        "IMTalkerCropFace", "IMTalkerEncodeIdentity", "IMTalkerLoadRenderer", "IMTalkerRenderToVideo",
+        "IMTalkerVideoToMotion", "LoadImage"]
+    motion = next(v for v in prompt.values() if v["class_type"] == "IMTalkerVideoToMotion")
+    assert {k: v for k, v in motion["inputs"].items() if not isinstance(v, list)} == {
+        "video": "imtalker_examples/driving_short.mp4", "video_path": "", "crop": "face", "scale": 1.6,
+        "batch_size": 8, "on_bad_frame": "hold", "max_frames": 0}
+    node = next(n for n in workflow["nodes"] if n["type"] == "IMTalkerVideoToMotion")
+    assert node["widgets_values"][-1] == "image"  # the upload button's value comes last, as on core Load Video
+    video = next(v for v in prompt.values() if v["class_type"] == "IMTalkerRenderToVideo")
+    assert linked_from(prompt, video, "motion") == ("IMTalkerVideoToMotion", 0)
+    assert linked_from(prompt, video, "audio") == ("IMTalkerVideoToMotion", 1)  # the driving video's sound
+    assert linked_from(prompt, video, "identity") == ("IMTalkerEncodeIdentity", 0)
+    assert {k: v for k, v in video["inputs"].items() if not isinstance(v, list)} == {
+        "filename_prefix": "IMTalker/reenactment", "batch_size": 0, "feather": 0.1}
+    assert not {"crop", "original"} & set(video["inputs"])  # the portrait's face crop, as before: no paste-back
+
+
+# Needs the frames as an IMAGE batch: the upscaler runs on them before Paste Back and Create Video.
+IMAGE_BATCH_WORKFLOWS = {"imtalker_photo_pasteback_upscale.json"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflows_stream_unless_they_need_the_frames(path, defs):
+    """Render → Create Video holds every frame in memory (3 MiB per 512² frame, and ComfyUI caches it after
+    the run); the templates stream with Render To Video / Talking Head unless the frames are processed."""
+    types = {v["class_type"] for v in ui_to_api(json.loads(path.read_text()), defs).values()}
+    if path.name in IMAGE_BATCH_WORKFLOWS:
+        assert {"IMTalkerRender", "CreateVideo"} <= types
+    else:
+        assert not {"IMTalkerRender", "CreateVideo"} & types, path.name
+        assert not {"LoadVideo", "GetVideoComponents"} & types, path.name  # Video To Motion reads the file
 
 
 def test_widget_values_match_the_widgets_of_our_nodes(defs):
@@ -218,6 +295,9 @@ def test_widget_values_match_the_widgets_of_our_nodes(defs):
                      for i in range(len(widgets) + 1)]  # values taken by the first i widgets
             required = sum(1 for name, _ in widgets if name in definition["input"]["required"])
             count = len(node.get("widgets_values") or [])
+            if has_media_upload_button(definition):  # the button's value follows every input's (all required)
+                assert count == slots[-1] + 1, f"{path.name} node {node['id']}: {count} values for {slots} + upload"
+                continue
             assert count in slots[required:], f"{path.name} node {node['id']}: {count} values for {slots}"
 
 
@@ -238,6 +318,8 @@ def test_one_node_workflow_uses_talking_head(defs):
 # ------------------------------------------------------------------------------------------------
 
 LOADERS = {"LoadImage", "LoadAudio", "LoadVideo"}
+# Our nodes that pick a file of the input folder with their first widget.
+FILE_READERS = LOADERS | {"IMTalkerVideoToMotion"}
 EXAMPLE_INPUTS = ROOT / "example_inputs"
 
 
@@ -249,7 +331,7 @@ def examples_module():
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_inputs_are_the_packs_examples(path):
     examples = examples_module()
-    loaders = [n for n in json.loads(path.read_text())["nodes"] if n["type"] in LOADERS]
+    loaders = [n for n in json.loads(path.read_text())["nodes"] if n["type"] in FILE_READERS]
     assert loaders, f"{path.name} loads no input"
     for node in loaders:
         value = node["widgets_values"][0]
@@ -346,8 +428,8 @@ def test_pack_load_inside_comfyui_installs_the_examples(tmp_path, monkeypatch):
 NODE_TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its `pos`
 MAX_WIDTH, MAX_HEIGHT = 1600, 1300
 GROUP_OF = {"Models": lambda t: t.startswith("IMTalkerLoad") or t.endswith("ModelLoader"),
-            "Inputs": lambda t: t in LOADERS,
-            "Output": lambda t: t in ("SaveVideo", "PreviewAny", "CreateVideo")}
+            "Inputs": lambda t: t in FILE_READERS,
+            "Output": lambda t: t in ("SaveVideo", "PreviewAny", "CreateVideo", "IMTalkerRenderToVideo")}
 
 
 def node_box(node) -> tuple[float, float, float, float]:
