@@ -45,7 +45,7 @@ def test_face_found_in_each_portrait(name: str) -> None:
 def test_detection_is_scale_invariant(photo: np.ndarray) -> None:
     # Detection runs on a downscaled copy; boxes must come back in source pixels.
     big = np.repeat(np.repeat(photo, 2, axis=0), 2, axis=1)
-    (x, y, w, h), (bx, by, bw, bh) = detect_faces(photo)[0], detect_faces(big)[0]
+    (x, y, w, _), (bx, by, bw, _) = detect_faces(photo)[0], detect_faces(big)[0]
     assert abs(bw - 2 * w) <= 0.1 * bw and abs(bx - 2 * x) <= 0.1 * bw and abs(by - 2 * y) <= 0.1 * bw
 
 
