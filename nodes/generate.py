@@ -20,8 +20,10 @@ MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 
 def fit_to_frames(waveform: torch.Tensor, sample_rate: int, frames: int, fps: float) -> torch.Tensor:
     """`[C, S]` audio at its own rate cut or padded (with silence) to exactly `frames` video frames,
-    i.e. `round(frames * sample_rate / fps)` samples, so the sound track ends with the last frame."""
-    target = round(frames * sample_rate / fps)
+    i.e. `ceil(frames * sample_rate / fps)` samples (the sample count Save Video keeps; the product
+    is rounded to 6 decimals first so float error never adds a sample), so the sound ends with the
+    last frame."""
+    target = math.ceil(round(frames * sample_rate / fps, 6))
     if waveform.shape[-1] >= target:
         return waveform[..., :target]
     return torch.nn.functional.pad(waveform, (0, target - waveform.shape[-1]))

@@ -19,7 +19,6 @@ always counted and reported as frame ranges in a warning shown on the node (`bri
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterable, Iterator
 
@@ -34,6 +33,7 @@ from ..imtalker_core.media.video import read_video, video_info
 from ..imtalker_core.pipeline import encode_motion
 from . import bridge
 from .face import VIDEO_SAMPLE_EVERY
+from .generate import fit_to_frames
 from .types import MOTION, RENDERER, ManagedModel, Motion
 
 log = logging.getLogger(__name__)
@@ -329,14 +329,8 @@ def _soundtrack(path: str, has_audio: bool, frames: int, fps: float) -> dict:
     else:
         bridge.notify(f"IMTalker Video To Motion: '{name}' has no sound track; the audio output is silence",
                       logging.INFO)
-    samples = math.ceil(round(frames * rate / fps, 6))
-    if waveform is None:
-        waveform = np.zeros((1, samples), dtype=np.float32)
-    elif waveform.shape[1] >= samples:
-        waveform = waveform[:, :samples]
-    else:
-        waveform = np.pad(waveform, ((0, 0), (0, samples - waveform.shape[1])))
-    return bridge.make_audio(np.ascontiguousarray(waveform), rate)
+    silence = torch.zeros(1, 0) if waveform is None else torch.from_numpy(waveform)
+    return bridge.make_audio(fit_to_frames(silence, rate, frames, fps), rate)
 
 
 class IMTalkerVideoToMotion:
