@@ -135,18 +135,28 @@ def _check_source(image_path, crop: CropSettings) -> None:
                   **_no_face_hint(crop))
 
 
+def _check_generation(seed: int, steps: int, cfg_scale: float, noise: str) -> None:
+    check_seed(seed), check_steps(steps), check_cfg(cfg_scale)
+    if noise not in NOISE_MODES:
+        raise InputError(f"noise {noise!r}: use one of {', '.join(NOISE_MODES)}")
+
+
+def _check_output(output_path, inputs: list, crop: CropSettings, batch_size: int) -> Path:
+    """The settings every job shares, and the output path (a writable file path that is none of `inputs`)."""
+    check_batch_size(batch_size)
+    check_crop(crop)
+    return check_output_path(output_path, inputs=inputs)
+
+
 def check_audio_job(image_path, audio_path, output_path, crop: CropSettings = CropSettings(), *, seed: int = 42,
                     steps: int = 10, cfg_scale: float = 3.0, batch_size: int = 4, noise: str = "reference",
                     control_paths: tuple = ()) -> Path:
     """Everything about an audio-driven job that can be checked without a model, in a second or so:
     the numbers, the crop settings, the output path (a writable file path that is none of the
     inputs), the audio header, the portrait and its face. Returns the output path to write."""
-    check_seed(seed), check_steps(steps), check_cfg(cfg_scale), check_batch_size(batch_size)
-    if noise not in NOISE_MODES:
-        raise InputError(f"noise {noise!r}: use one of {', '.join(NOISE_MODES)}")
-    check_crop(crop)
-    inputs = [image_path, audio_path, *(p for p in control_paths if p is not None)]
-    output = check_output_path(output_path, inputs=inputs)
+    _check_generation(seed, steps, cfg_scale, noise)
+    output = _check_output(output_path, [image_path, audio_path, *(p for p in control_paths if p is not None)],
+                           crop, batch_size)
     probe_audio(audio_path)
     _check_source(image_path, crop)
     return output
@@ -155,9 +165,7 @@ def check_audio_job(image_path, audio_path, output_path, crop: CropSettings = Cr
 def check_video_job(image_path, video_path, output_path, crop: CropSettings = CropSettings(), *,
                     batch_size: int = 4) -> Path:
     """As `check_audio_job`, for a video-driven job (the driving video's header instead of audio)."""
-    check_batch_size(batch_size)
-    check_crop(crop)
-    output = check_output_path(output_path, inputs=[image_path, video_path])
+    output = _check_output(output_path, [image_path, video_path], crop, batch_size)
     video_info(video_path)
     _check_source(image_path, crop)
     return output
@@ -181,12 +189,13 @@ def audio_to_video(models: Models, image_path: str | os.PathLike, audio_path: st
     """Portrait + speech → talking-face MP4 (25 fps, the audio muxed in). Returns the output path.
 
     The video has `ceil(seconds × 25)` frames; the audio track is the input audio unchanged.
-    Everything checkable is checked first (`check_audio_job`), so a mistake costs no model time.
+    The settings and the output path are checked first; reading the audio and the portrait (with its
+    face) comes next, before any model runs (`check_audio_job` does all of it without models).
     """
     if models.generator is None or models.audio_encoder is None:
         raise InputError("audio-driven generation needs the generator and wav2vec2; load them with audio=True")
-    output_path = check_audio_job(image_path, audio_path, output_path, crop, seed=seed, steps=steps,
-                                  cfg_scale=cfg_scale, batch_size=batch_size, noise=noise)
+    _check_generation(seed, steps, cfg_scale, noise)
+    output_path = _check_output(output_path, [image_path, audio_path], crop, batch_size)
     fps = int(models.generator.cfg.fps)
     size = models.renderer.cfg.image_size
     waveform, rate = load_audio(audio_path)
@@ -216,9 +225,10 @@ def video_to_video(models: Models, image_path: str | os.PathLike, video_path: st
     Driving frames are resized whole to the model size, as the reference does; with
     `crop.crop_driving` they are cropped with one stable box for the whole clip (median face box)
     instead, so the face's own motion is kept and frames where the face is lost still count.
-    Everything checkable is checked first (`check_video_job`).
+    The settings and the output path are checked first, then the video's header and the portrait,
+    before any model runs (`check_video_job` does all of it without models).
     """
-    output_path = check_video_job(image_path, video_path, output_path, crop, batch_size=batch_size)
+    output_path = _check_output(output_path, [image_path, video_path], crop, batch_size)
     size = models.renderer.cfg.image_size
     info = video_info(video_path)
     source, original, box = _prepare_source(image_path, crop, size)
