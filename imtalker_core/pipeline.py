@@ -20,7 +20,7 @@ from .generator import MotionGenerator
 from .renderer import IMTRenderer
 from .precision import fp32_matmul
 from .sampling import NOISE_MODES
-from .validation import check_batch_size, check_cfg, check_control, check_seed, check_steps
+from .validation import check_batch_size, check_cfg, check_control, check_seed, check_sequence, check_steps
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +91,8 @@ def check_images(images: torch.Tensor, size: int, name: str = "images") -> torch
 
 def check_motion(motion, latent_dim: int, name: str = "motion") -> torch.Tensor:
     """Motion latents `[T, latent_dim]` (torch, numpy or lists), finite and not empty, as float32."""
-    try:
-        tensor = torch.as_tensor(motion)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise InputError(f"{name} must be numbers shaped [frames, {latent_dim}]: {err}") from err
-    if tensor.dim() != 2 or tensor.shape[1] != latent_dim:
-        raise InputError(f"{name} must be [frames, {latent_dim}] latents, got {list(tensor.shape)}")
-    if tensor.shape[0] == 0:
-        raise InputError(f"{name} has no frames, so there is nothing to render")
-    if not tensor.is_floating_point():
-        tensor = tensor.float()
-    if not torch.isfinite(tensor).all():
-        raise InputError(f"{name} contains NaN or infinite values")
-    return tensor
+    return check_sequence(motion, latent_dim, name, noun="sequence of latents",
+                          empty_hint="so there is nothing to render")
 
 
 def check_finite_output(values: torch.Tensor, what: str, causes: str) -> None:

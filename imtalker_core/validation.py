@@ -117,26 +117,32 @@ def check_device(name: str) -> torch.device:
     raise InputError(f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
 
 
-def check_control(seq, width: int, name: str) -> torch.Tensor | None:
-    """A per-frame control `[T, width]` as float32: finite, not empty, within `CONTROL_LIMITS`.
-
-    Accepts torch tensors, numpy arrays and nested lists; None passes through.
-    """
-    if seq is None:
-        return None
+def check_sequence(values, width: int, name: str, noun: str = "sequence",
+                   empty_hint: str = "leave it out instead") -> torch.Tensor:
+    """Per-frame numbers `[T, width]` (torch tensors, numpy arrays or nested lists) as float32:
+    numeric, not empty and finite, else `InputError` naming `name`."""
     try:
-        tensor = torch.as_tensor(seq)
+        tensor = torch.as_tensor(values)
     except (TypeError, ValueError, RuntimeError) as err:
         raise InputError(f"{name} must be numbers shaped [frames, {width}]: {err}") from err
     if not (tensor.is_floating_point() or tensor.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8)):
         raise InputError(f"{name} must hold numbers, got {tensor.dtype}")
     tensor = tensor.to(torch.float32)
     if tensor.dim() != 2 or tensor.shape[1] != width:
-        raise InputError(f"{name} must be a [frames, {width}] sequence, got {list(tensor.shape)}")
+        raise InputError(f"{name} must be a [frames, {width}] {noun}, got {list(tensor.shape)}")
     if tensor.shape[0] == 0:
-        raise InputError(f"{name} has no frames; leave it out instead")
+        raise InputError(f"{name} has no frames; {empty_hint}")
     if not torch.isfinite(tensor).all():
         raise InputError(f"{name} contains NaN or infinite values")
+    return tensor
+
+
+def check_control(seq, width: int, name: str) -> torch.Tensor | None:
+    """A per-frame control `[T, width]` as float32 (`check_sequence`), within `CONTROL_LIMITS`;
+    None passes through."""
+    if seq is None:
+        return None
+    tensor = check_sequence(seq, width, name)
     limits = CONTROL_LIMITS.get(name)
     if limits is not None:
         peak = tensor.abs().max().item()
