@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import IMTalkerError, InputError
-from .images import to_uint8
+from .images import to_float, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def crop_face(image_hw3: ArrayLike, scale: float = 1.6, size: int = 512,
     if array.dtype == np.uint8:
         # Cut first, then convert: converting a whole large photo to float would cost 4 bytes a value.
         # The values equal converting first (zeros stay zero, the rest is the same division).
-        crop = _resize_crop(_to_float32(crop_box(array, box)), size)
+        crop = _resize_crop(to_float(crop_box(array, box)), size)
     else:
         crop = crop_box(array, box, size)
     return (torch.from_numpy(crop) if isinstance(image_hw3, torch.Tensor) else crop), box
@@ -425,16 +425,8 @@ def _mask_axes(box: CropBox, feather: float) -> tuple[np.ndarray, np.ndarray]:
     return axis_weights(box.y0, box.image_h, iy0, iy1), axis_weights(box.x0, box.image_w, ix0, ix1)
 
 
-def _to_float32(array: np.ndarray) -> np.ndarray:
-    """A float32 copy of image values: uint8 is divided by 255, other dtypes are only cast."""
-    if array.dtype == np.uint8:
-        # The same float32 division as `astype(np.float32) / 255.0`, without the intermediate copy.
-        return np.divide(array, np.float32(255.0), dtype=np.float32)
-    return array.astype(np.float32)
-
-
 def _fill_float32(dst: np.ndarray, base: np.ndarray) -> None:
-    """Write the original ``base`` ``[H, W, 3]`` into the float32 frame ``dst`` as `_to_float32` would."""
+    """Write the original ``base`` ``[H, W, 3]`` into the float32 frame ``dst`` as `to_float` would."""
     if base.dtype == np.uint8:
         np.divide(base, np.float32(255.0), out=dst, dtype=np.float32)
     else:
@@ -510,7 +502,7 @@ def _blend_into(dst: np.ndarray, resized: np.ndarray, box: CropBox, base: np.nda
         r1 = min(r0 + step, iy1)
         # The band's part of `paste_mask_inside`, the same float64 product rounded once to float32.
         weight = np.outer(rows[r0 - iy0:r1 - iy0], cols).astype(np.float32)[:, :, None]
-        background = _to_float32(base[r0:r1, ix0:ix1])
+        background = to_float(base[r0:r1, ix0:ix1])
         region = resized[r0 - box.y0:r1 - box.y0, ix0 - box.x0:ix1 - box.x0]
         blended = background + weight * (region - background)
         # Blend only where the mask is positive so everything else keeps the original bits.

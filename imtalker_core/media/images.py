@@ -148,7 +148,8 @@ def to_float(image: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         return image.to(torch.float32)
     image = np.asarray(image)
     if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
+        # The same float32 division as `astype(np.float32) / 255.0`, without the intermediate copy.
+        return np.divide(image, np.float32(255.0), dtype=np.float32)
     return image.astype(np.float32, copy=False)
 
 
