@@ -284,22 +284,28 @@ def bench_renderer(args, device, timer, renderers, rows, best):
                                  note="frames copied to the CPU" + (f"; {timer.cpu_note()}" if not timer.cuda else "")))
 
 
+def _time_each_precision(args, device, timer, rows, cache, section: str, frames: int, build, call, note: str):
+    """For each precision: `model = build(dtype)`, then time `call(model)` after the warm-ups, one row each."""
+    for name in args.dtypes:
+        model = build(DTYPES[name])
+        with torch.no_grad(), precision_context(name, device):
+            for _ in range(args.warmup):
+                call(model)
+            seconds, peak = timer(lambda: call(model))
+        rows.append(dict(section=section, precision=name, path="-", batch=1, frames=frames, seconds=seconds,
+                         ms_per_frame=1000 * seconds / frames, peak_gib=peak, note=note))
+        cache[name] = model if "clip" in args.sections else None
+
+
 def bench_generator(args, device, timer, rows, cache):
     frames = round(args.clip_seconds * FPS)
     torch.manual_seed(0)
     features = torch.randn(1, frames, 768)
     ref = torch.randn(1, 32)
-    for name in args.dtypes:
-        gen = standin_generator(device, DTYPES[name])
-        fn = lambda: gen.sample(features.to(device), ref.to(device), cfg_scale=3.0, steps=10, seed=0)  # noqa: E731
-        with torch.no_grad(), precision_context(name, device):
-            for _ in range(args.warmup):
-                fn()
-            seconds, peak = timer(fn)
-        rows.append(dict(section="generator", precision=name, path="-", batch=1, frames=frames, seconds=seconds,
-                         ms_per_frame=1000 * seconds / frames, peak_gib=peak,
-                         note=f"{args.clip_seconds:g} s clip, cfg 3, 10 steps"))
-        cache[name] = gen if "clip" in args.sections else None
+    _time_each_precision(
+        args, device, timer, rows, cache, "generator", frames, lambda dtype: standin_generator(device, dtype),
+        lambda gen: gen.sample(features.to(device), ref.to(device), cfg_scale=3.0, steps=10, seed=0),
+        f"{args.clip_seconds:g} s clip, cfg 3, 10 steps")
 
 
 def bench_audio(args, device, timer, rows, cache):
@@ -311,17 +317,9 @@ def bench_audio(args, device, timer, rows, cache):
     torch.manual_seed(0)
     wave = torch.randn(1, round(args.clip_seconds * SAMPLE_RATE)) * 0.1
     frames = round(args.clip_seconds * FPS)
-    for name in args.dtypes:
-        enc = random_audio_encoder(device, DTYPES[name])
-        fn = lambda: enc(wave.to(device), num_frames=frames)  # noqa: E731
-        with torch.no_grad(), precision_context(name, device):
-            for _ in range(args.warmup):
-                fn()
-            seconds, peak = timer(fn)
-        rows.append(dict(section="audio", precision=name, path="-", batch=1, frames=frames, seconds=seconds,
-                         ms_per_frame=1000 * seconds / frames, peak_gib=peak,
-                         note=f"random wav2vec2-base, {args.clip_seconds:g} s"))
-        cache[name] = enc if "clip" in args.sections else None
+    _time_each_precision(
+        args, device, timer, rows, cache, "audio", frames, lambda dtype: random_audio_encoder(device, dtype),
+        lambda enc: enc(wave.to(device), num_frames=frames), f"random wav2vec2-base, {args.clip_seconds:g} s")
 
 
 def bench_clip(args, device, timer, renderers, rows, best, generators, encoders):
