@@ -157,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "audio":
             out = runner.audio_to_video(
                 models, args.image, args.audio, args.output, crop, seed=args.seed, steps=args.steps,
-                cfg_scale=args.cfg, **controls, batch_size=args.batch_size, noise=args.noise, noise_device=device if args.noise_on_device else "cpu",
+                cfg_scale=args.cfg, **controls, batch_size=args.batch_size, noise=args.noise,
+                noise_device=device if args.noise_on_device else "cpu",
                 progress=bars)
         else:
             out = runner.video_to_video(models, args.image, args.driving, args.output, crop,

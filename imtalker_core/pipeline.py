@@ -165,8 +165,8 @@ def encode_motion(renderer: IMTRenderer, images: torch.Tensor, batch_size: int =
 def generate_motion(generator: MotionGenerator, audio_features: torch.Tensor, reference_motion: torch.Tensor,
                     pose: torch.Tensor | None = None, cam: torch.Tensor | None = None,
                     gaze: torch.Tensor | None = None, cfg_scale: float = 3.0, steps: int = 10, seed: int = 42,
-                    noise: str = "reference", noise_device: torch.device | str = "cpu", callback: Progress | None = None,
-                    check_interrupt: Interrupt | None = None) -> torch.Tensor:
+                    noise: str = "reference", noise_device: torch.device | str = "cpu",
+                    callback: Progress | None = None, check_interrupt: Interrupt | None = None) -> torch.Tensor:
     """Motion latents `[T, 32]` (float32) from wav2vec2 features `[T, 768]` or `[1, T, 768]`.
 
     reference_motion: the source's motion latent `[1, 32]` (`Identity.motion`). pose `[T', 3]`,

@@ -147,7 +147,8 @@ def check_control(seq, width: int, name: str) -> torch.Tensor | None:
     if limits is not None:
         peak = tensor.abs().max().item()
         if peak > limits["absurd"]:
-            raise InputError(f"{name} reaches {peak:.3g}, beyond any plausible value (|{name}| ≤ {limits['absurd']:.3g}); "
+            raise InputError(f"{name} reaches {peak:.3g}, beyond any plausible value "
+                             f"(|{name}| ≤ {limits['absurd']:.3g}); "
                              "check its units (radians for angles) and the file's columns")
         if peak > limits["typical"]:
             log.warning("%s reaches %.3g, beyond its typical range (|%s| ≤ %g): expect exaggerated motion",
