@@ -21,6 +21,8 @@ frequencies) are recomputed by the model and may be absent from a file.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from typing import Any, Mapping
@@ -255,12 +257,60 @@ def load_audio_encoder(folder: str | os.PathLike, device: torch.device | str = "
     return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+# A `.safetensors` model file may record the configuration it was built with (JSON of the config
+# dataclass's fields) under this metadata key: files of non-official sizes (fine-tuned small models,
+# test models) then load without the caller naming their config. Official-size files need none.
+CONFIG_METADATA_KEY = "imtalker_config"
+
+
+def _config_class(kind: str):
+    from .config import GeneratorConfig, RendererConfig
+    return {"renderer": RendererConfig, "generator": GeneratorConfig}[kind]
+
+
+def config_metadata(cfg) -> dict[str, str]:
+    """Safetensors metadata recording `cfg` (a `RendererConfig` or `GeneratorConfig`)."""
+    return {CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(cfg), sort_keys=True)}
+
+
+def config_from_file(path: str | os.PathLike, kind: str):
+    """The config recorded in a `.safetensors` file's metadata (`config_metadata`), or None (pickles,
+    files without one). A record that does not describe a valid `kind` config raises `CheckpointError`."""
+    path = os.fspath(path)
+    if not path.endswith(SAFETENSORS_SUFFIX) or not os.path.isfile(path):
+        return None
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as handle:
+            text = (handle.metadata() or {}).get(CONFIG_METADATA_KEY)
+    except (SafetensorError, OSError) as err:
+        log.debug("%s: no safetensors header: %s", path, err)
+        return None  # read_file reports an unreadable file with its own message
+    if text is None:
+        return None
+    cls = _config_class(kind)
+    try:
+        fields = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(fields, dict) or not set(fields) <= names:
+            raise TypeError(f"unknown fields {sorted(set(fields) - names) if isinstance(fields, dict) else fields}")
+        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: its {CONFIG_METADATA_KEY} metadata is not a valid {kind} configuration "
+                              f"({err}); re-export the file") from err
+    log.info("%s: %s configuration from the file's metadata", path, kind)
+    return cfg
+
+
 def load_renderer(path: str | os.PathLike, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32, cfg=None):
-    """Build the renderer and load `path` into it strictly; returns it in eval mode on `device`."""
+    """Build the renderer and load `path` into it strictly; returns it in eval mode on `device`.
+
+    `cfg` None: the configuration recorded in the file (`config_from_file`), else the official one.
+    """
     from .renderer import IMTRenderer
 
-    model = IMTRenderer(cfg)
+    model = IMTRenderer(cfg if cfg is not None else config_from_file(path, "renderer"))
     load_strict(model, model_entries(read_file(path), "renderer", source=os.fspath(path)), os.fspath(path), "renderer")
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -278,7 +328,9 @@ def load_generator(path: str | os.PathLike, device: torch.device | str = "cpu",
     """Build the motion generator and load `path` (optionally its EMA weights) strictly.
 
     The file's wav2vec2 copy, if any, is ignored here; `load_generator_and_audio_encoder` uses it.
+    The configuration is `cfg`, else the file's recorded one (`config_from_file`), else the official one.
     """
+    cfg = cfg if cfg is not None else config_from_file(path, "generator")
     return _generator_from(read_file(path), os.fspath(path), device, dtype, use_ema, cfg)
 
 
@@ -302,6 +354,7 @@ def load_generator_and_audio_encoder(generator_path: str | os.PathLike, wav2vec2
     AudioEncoder.check_folder(wav2vec2_folder)  # a wrong folder is reported before the long generator read
     raw = read_file(path)
     copy = wav2vec2_copy(raw)
+    cfg = cfg if cfg is not None else config_from_file(path, "generator")
     generator = _generator_from(raw, path, device, dtype, use_ema, cfg)
     del raw  # optimizer and loop states go before wav2vec2 is built
     name = os.path.basename(path)
@@ -341,7 +394,8 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, kind:
         from .renderer import IMTRenderer as Model
     else:
         from .generator import MotionGenerator as Model
-    load_strict(Model(), entries, src, kind)
+    model = Model()
+    load_strict(model, entries, src, kind)
     copy = wav2vec2_copy(raw) if kind == "generator" else {}
     if copy and keep_wav2vec2:
         log.info("%s: keeping the wav2vec2 copy (%d tensors) under %s*", src, len(copy), WAV2VEC2_PREFIX)
@@ -356,7 +410,8 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, kind:
     # truncated .safetensors under the output name (the loaders prefer a .safetensors to its .ckpt).
     part = dst + ".part"
     try:
-        save_file({k: v.contiguous() for k, v in entries.items()}, part, metadata={"imtalker_kind": kind})
+        save_file({k: v.contiguous() for k, v in entries.items()}, part,
+                  metadata={"imtalker_kind": kind, **config_metadata(model.cfg)})
         os.replace(part, dst)
     except (OSError, SafetensorError) as err:
         reason = getattr(err, "strerror", None) or " ".join(str(err).split())

@@ -160,3 +160,32 @@ def test_derived_buffers_may_be_absent_or_present(tmp_path, standin_state):
     path = write_official_layout("generator", tmp_path / "generator.ckpt", state=state)
     assert same_weights(load_generator(path), standin_state["generator"])
     shutil.rmtree(tmp_path)
+
+
+def test_safetensors_records_its_configuration(tmp_path):
+    """A small model saved with `config_metadata` loads without naming its config; a damaged record is
+    reported, not replaced by the official config."""
+    from safetensors.torch import save_file
+
+    from imtalker_core.checkpoints import CONFIG_METADATA_KEY, config_from_file, config_metadata
+    from imtalker_core.config import tiny_generator_config, tiny_renderer_config
+    from imtalker_core.generator import MotionGenerator
+    from imtalker_core.renderer import IMTRenderer
+
+    torch.manual_seed(0)
+    for kind, model, load in (("renderer", IMTRenderer(tiny_renderer_config()), load_renderer),
+                              ("generator", MotionGenerator(tiny_generator_config()), load_generator)):
+        path = tmp_path / f"{kind}.safetensors"
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(path), metadata=config_metadata(model.cfg))
+        assert config_from_file(path, kind) == model.cfg
+        loaded = load(path)
+        assert loaded.cfg == model.cfg
+        assert same_weights(loaded, state)
+        broken = tmp_path / f"{kind}_broken.safetensors"
+        save_file(state, str(broken), metadata={CONFIG_METADATA_KEY: '{"no_such_field": 1}'})
+        with pytest.raises(CheckpointError, match="no_such_field"):
+            load(broken)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(plain))
+    assert config_from_file(plain, "renderer") is None
