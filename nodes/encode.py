@@ -10,8 +10,8 @@ from ..imtalker_core.media.images import to_model_input
 from ..imtalker_core.pipeline import encode_identity
 from . import bridge
 from .types import IDENTITY, MOTION, RENDERER, ManagedModel, Motion
-from .video import (BAD_FRAME_POLICIES, BLANK, BadFrames, MotionBatches, bad_frame_tooltip, bad_frames_error,
-                    blank_frame, check_policy, settle_bad_frames)
+from .video import (BAD_FRAME_POLICIES, BLANK, MOTION_BATCH_INPUT, BadFrames, MotionBatches, bad_frame_tooltip,
+                    bad_frames_error, blank_frame, check_policy, motion_batch_size, settle_bad_frames)
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,7 @@ class IMTalkerEncodeMotion:
                     "default": 25.0, "min": 1.0, "max": 120.0, "step": 0.01,
                     "tooltip": "Frame rate of the driving frames (connect Get Video Components' fps); the "
                                "rendered video plays at this rate."}),
-                "batch_size": ("INT", {
-                    "default": 8, "min": 1, "max": 256,
-                    "tooltip": "Frames encoded at once; lower it if the GPU runs out of memory."}),
+                "batch_size": MOTION_BATCH_INPUT,
             },
             "optional": {
                 "on_bad_frame": (list(BAD_FRAME_POLICIES), {"default": "hold", "tooltip": bad_frame_tooltip(False)}),
@@ -101,7 +99,7 @@ class IMTalkerEncodeMotion:
     CATEGORY = "IMTalker"
     DESCRIPTION = "Encodes each driving frame's head pose and expression, for video-driven reenactment."
 
-    def encode(self, renderer: ManagedModel, images: torch.Tensor, fps: float, batch_size: int,
+    def encode(self, renderer: ManagedModel, images: torch.Tensor, fps: float, batch_size: int = 0,
                on_bad_frame: str = "hold"):
         what = "IMTalker Encode Motion"
         check_policy(on_bad_frame)
@@ -116,6 +114,7 @@ class IMTalkerEncodeMotion:
                 bad.add(index, BLANK)
         if on_bad_frame == "error" and len(bad):
             raise bad_frames_error(bad, what)
+        batch_size = motion_batch_size(batch_size)
         module = bridge.ensure_loaded(renderer)
         total = frames.shape[0]
         progress = bridge.Progress(total, "encoding driving frames")

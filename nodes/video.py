@@ -207,6 +207,26 @@ def settle_bad_frames(latents: torch.Tensor, bad: BadFrames, policy: str, what: 
 # Encoding a batch at a time
 # --------------------------------------------------------------------------------------------
 
+#: Memory one 512² frame needs in the motion encoder (float32 activations of its first layers, with room).
+MOTION_BYTES_PER_FRAME = 256 * 1024 * 1024
+MAX_AUTO_MOTION_BATCH = 32
+MOTION_BATCH_INPUT = ("INT", {
+    "default": 0, "min": 0, "max": 256,
+    "tooltip": "Frames encoded at once. 0 = auto: 1 on the CPU (the bar and Cancel then act on every frame), on a "
+               "GPU as many as its free memory holds (up to 32). Memory does not depend on the video's length."})
+
+
+def motion_batch_size(batch_size: int) -> int:
+    """The batch size to encode driving frames with: `batch_size`, or for 0 what `bridge.auto_batch_size`
+    picks (1 on the CPU)."""
+    if batch_size < 0:
+        raise InputError(f"batch_size must be 0 (auto) or more, got {batch_size}")
+    if batch_size == 0:
+        batch_size = bridge.auto_batch_size(MOTION_BYTES_PER_FRAME, MAX_AUTO_MOTION_BATCH)
+        log.info("IMTalker: encoding %d driving frame(s) at a time (batch_size 0 = auto)", batch_size)
+    return batch_size
+
+
 class MotionBatches:
     """Driving frames → motion latents, `batch_size` frames at a time, in two fixed buffers.
 
@@ -365,9 +385,7 @@ class IMTalkerVideoToMotion:
                     "default": 1.6, "min": 1.0, "max": 4.0, "step": 0.05,
                     "tooltip": "With crop 'face': the crop side as a multiple of the face size (1.6 as in the "
                                "reference; use the value given to Crop Face for the portrait)."}),
-                "batch_size": ("INT", {
-                    "default": 8, "min": 1, "max": 256,
-                    "tooltip": "Frames held and encoded at once; memory does not depend on the video's length."}),
+                "batch_size": MOTION_BATCH_INPUT,
                 "on_bad_frame": (list(BAD_FRAME_POLICIES), {"default": "hold", "tooltip": bad_frame_tooltip(True)}),
                 "max_frames": ("INT", {
                     "default": 0, "min": 0, "max": 10_000_000,
@@ -407,13 +425,12 @@ class IMTalkerVideoToMotion:
         return f"{path}|{stat.st_mtime_ns}|{stat.st_size}"
 
     def encode(self, renderer: ManagedModel, video: str = "", video_path: str = "", crop: str = "face",
-               scale: float = 1.6, batch_size: int = 8, on_bad_frame: str = "hold", max_frames: int = 0):
+               scale: float = 1.6, batch_size: int = 0, on_bad_frame: str = "hold", max_frames: int = 0):
         what = "IMTalker Video To Motion"
         if crop not in CROP_MODES:
             raise InputError(f"crop must be one of {', '.join(CROP_MODES)}, not {crop!r}")
         check_policy(on_bad_frame)
-        if batch_size < 1:
-            raise InputError(f"batch_size must be at least 1, got {batch_size}")
+        batch_size = motion_batch_size(batch_size)
         path = resolve_video(video, video_path)
         info = video_info(path)
         fps = float(info.fps)

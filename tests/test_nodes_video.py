@@ -534,3 +534,25 @@ def test_render_with_auto_batch_size_renders_every_frame(pack, sub, renderer, mo
     motion = sub("nodes.types").Motion(torch.zeros(2, 32), 25.0)
     (frames,) = render.IMTalkerRender().render(renderer, identity, motion, batch_size=0)
     assert seen == [1] and frames.shape[0] == 2
+
+
+def test_encode_motion_auto_batch_moves_the_bar_every_frame_on_the_cpu(pack, sub, renderer, fake_encoder,
+                                                                      media_dir, monkeypatch):
+    bridge = sub("nodes.bridge")
+    updates = []
+
+    class RecordingProgress:
+        def __init__(self, total, what):
+            updates.append(("new", total))
+
+        def __call__(self, done, total):
+            updates.append((done, total))
+
+    monkeypatch.setattr(bridge, "Progress", RecordingProgress)
+    frames = driving_frames(sub, media_dir, 5)
+    (motion,) = run(pack, "IMTalkerEncodeMotion", renderer=renderer, images=frames, fps=25.0, batch_size=0)
+    assert motion.frames == 5
+    assert fake_encoder.batches == [1] * 5  # 0 = auto: one frame at a time on the CPU
+    assert [u for u in updates[1:] if u[0] != 5] == [(done, 5) for done in range(1, 5)]
+    with pytest.raises(sub("imtalker_core.errors").InputError, match="batch_size must be 0"):
+        run(pack, "IMTalkerEncodeMotion", renderer=renderer, images=frames, fps=25.0, batch_size=-1)

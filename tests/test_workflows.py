@@ -253,7 +253,7 @@ def test_video_reenactment_workflow_reads_and_writes_the_video_streaming(defs):
     motion = next(v for v in prompt.values() if v["class_type"] == "IMTalkerVideoToMotion")
     assert {k: v for k, v in motion["inputs"].items() if not isinstance(v, list)} == {
         "video": "imtalker_examples/driving_short.mp4", "video_path": "", "crop": "face", "scale": 1.6,
-        "batch_size": 8, "on_bad_frame": "hold", "max_frames": 0}
+        "batch_size": 0, "on_bad_frame": "hold", "max_frames": 0}
     node = next(n for n in workflow["nodes"] if n["type"] == "IMTalkerVideoToMotion")
     assert node["widgets_values"][-1] == "image"  # the upload button's value comes last, as on core Load Video
     video = next(v for v in prompt.values() if v["class_type"] == "IMTalkerRenderToVideo")
