@@ -9,6 +9,7 @@ from .encode import IMTalkerEncodeIdentity, IMTalkerEncodeMotion
 from .face import IMTalkerCropFace, IMTalkerPasteBack
 from .generate import IMTalkerAudioToMotion
 from .loaders import IMTalkerLoadGenerator, IMTalkerLoadRenderer
+from .motion_edit import MOTION_EDIT_DISPLAY_NAMES, MOTION_EDIT_NODES
 from .render import IMTalkerRender, IMTalkerRenderToVideo
 from .video import IMTalkerVideoToMotion
 from .talking_head import IMTalkerTalkingHead
@@ -40,6 +41,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IMTalkerRenderToVideo": "IMTalker Render To Video",
     "IMTalkerTalkingHead": "IMTalker Talking Head",
 }
+
+NODE_CLASS_MAPPINGS.update(MOTION_EDIT_NODES)
+NODE_DISPLAY_NAME_MAPPINGS.update(MOTION_EDIT_DISPLAY_NAMES)
 
 if bridge.inside_comfyui():
     # Before any INPUT_TYPES call, so the dropdowns list models/imtalker (and extra_model_paths.yaml).
