@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 
@@ -152,7 +153,7 @@ class IMTalkerRenderToVideo:
         width, height = (crop.image_w, crop.image_h) if crop is not None else (size, size)
         path, filename, subfolder = bridge.next_output_path(filename_prefix, "mp4", width, height)
         sound = bridge.audio_waveform(audio) if audio is not None else None
-        done = 0
+        done, started = 0, time.perf_counter()
         with VideoWriter(path, motion.fps, audio=sound) as writer:
             for batch in render_batches(module, identity, motion.latents, batch_size=batch_size,
                                         output_device="cpu", callback=progress,
@@ -162,6 +163,8 @@ class IMTalkerRenderToVideo:
                     frames = paste_into(frames, crop, original, feather, first_index=done)
                 writer.write(frames)
                 done += batch.shape[0]
-        log.info("IMTalker: wrote %d frames to %s", done, path)
+        seconds = time.perf_counter() - started
+        log.info("IMTalker: wrote %d frames to %s in %.2f s (%.1f ms a frame, rendering and encoding)", done, path,
+                 seconds, 1000 * seconds / max(done, 1))
         preview = {"filename": filename, "subfolder": subfolder, "type": "output"}
         return {"ui": {"images": [preview], "animated": (True,)}, "result": (os.path.abspath(path),)}

@@ -148,8 +148,8 @@ def defs():
 
 def test_there_are_the_example_workflows():
     assert [p.name for p in WORKFLOWS] == [
-        "imtalker_audio_portrait.json", "imtalker_long_audio_streaming.json", "imtalker_one_node.json",
-        "imtalker_photo_pasteback_upscale.json", "imtalker_video_reenactment.json"]
+        "imtalker_audio_portrait.json", "imtalker_face_restore.json", "imtalker_long_audio_streaming.json",
+        "imtalker_one_node.json", "imtalker_photo_pasteback_upscale.json", "imtalker_video_reenactment.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -265,8 +265,8 @@ def test_video_reenactment_workflow_reads_and_writes_the_video_streaming(defs):
     assert not {"crop", "original"} & set(video["inputs"])  # the portrait's face crop, as before: no paste-back
 
 
-# Needs the frames as an IMAGE batch: the upscaler runs on them before Paste Back and Create Video.
-IMAGE_BATCH_WORKFLOWS = {"imtalker_photo_pasteback_upscale.json"}
+# Need the frames as an IMAGE batch: the upscaler or face restorer runs on them before Paste Back and Create Video.
+IMAGE_BATCH_WORKFLOWS = {"imtalker_photo_pasteback_upscale.json", "imtalker_face_restore.json"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
