@@ -6,7 +6,8 @@ import logging
 import torch
 
 from ..imtalker_core.errors import InputError
-from ..imtalker_core.media.face import CropBox, crop_box, crop_face, paste_back, paste_mask, stable_video_box
+from ..imtalker_core.media.face import CropBox, crop_face, paste_back, paste_mask, stable_video_box
+from ..imtalker_core.media.face_device import crop as crop_batch
 from . import bridge
 from .types import CROP
 
@@ -130,7 +131,7 @@ class IMTalkerCropFace:
         else:
             box = stable_video_box(images, scale=scale, sample_every=VIDEO_SAMPLE_EVERY, on_no_face=on_no_face,
                                    no_face_hint=NO_FACE_HINT)
-            faces = torch.stack([crop_box(frame, box, CROP_SIZE) for frame in images])
+            faces = crop_batch(images, box, CROP_SIZE)
         mask = torch.from_numpy(paste_mask(box, (height, width), feather=0.0))[None]
         return (faces.float().contiguous(), box, mask)
 

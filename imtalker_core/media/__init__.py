@@ -2,6 +2,7 @@
 
 * `images`: `load_image` (any Pillow image -> float32 [H, W, 3] in [0, 1]), `to_model_input`.
 * `face`: Haar-cascade face detection, `crop_face`, `stable_video_box`, `paste_back`.
+* `face_device`: the same crop and paste-back in torch on the tensor's device (`crop`, `paste` pick the path).
 * `audio`: `load_audio` (soundfile, then PyAV), `to_mono_16k` (soxr), `frame_count`, `check_audio`.
 * `video`: `read_video`, `video_info`, `VideoWriter` / `write_video` (H.264 MP4 + AAC via PyAV).
 """
