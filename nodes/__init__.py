@@ -5,6 +5,8 @@ Import relatively only: ComfyUI has a top-level module named `nodes` too.
 from __future__ import annotations
 
 from . import bridge, examples
+from .controls import (IMTalkerCombineControls, IMTalkerControlsConstant, IMTalkerControlsKeyframes,
+                       IMTalkerIdleMotion, IMTalkerLoadControls, IMTalkerSaveControls)
 from .encode import IMTalkerEncodeIdentity, IMTalkerEncodeMotion
 from .face import IMTalkerCropFace, IMTalkerPasteBack
 from .generate import IMTalkerAudioToMotion
@@ -26,6 +28,12 @@ NODE_CLASS_MAPPINGS = {
     "IMTalkerRender": IMTalkerRender,
     "IMTalkerRenderToVideo": IMTalkerRenderToVideo,
     "IMTalkerTalkingHead": IMTalkerTalkingHead,
+    "IMTalkerControlsConstant": IMTalkerControlsConstant,
+    "IMTalkerControlsKeyframes": IMTalkerControlsKeyframes,
+    "IMTalkerIdleMotion": IMTalkerIdleMotion,
+    "IMTalkerLoadControls": IMTalkerLoadControls,
+    "IMTalkerSaveControls": IMTalkerSaveControls,
+    "IMTalkerCombineControls": IMTalkerCombineControls,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -40,6 +48,12 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IMTalkerRender": "IMTalker Render",
     "IMTalkerRenderToVideo": "IMTalker Render To Video",
     "IMTalkerTalkingHead": "IMTalker Talking Head",
+    "IMTalkerControlsConstant": "IMTalker Controls (constant)",
+    "IMTalkerControlsKeyframes": "IMTalker Controls (keyframes)",
+    "IMTalkerIdleMotion": "IMTalker Idle Motion",
+    "IMTalkerLoadControls": "IMTalker Load Controls",
+    "IMTalkerSaveControls": "IMTalker Save Controls",
+    "IMTalkerCombineControls": "IMTalker Combine Controls",
 }
 
 NODE_CLASS_MAPPINGS.update(MOTION_EDIT_NODES)

@@ -29,6 +29,22 @@ def fit_to_frames(waveform: torch.Tensor, sample_rate: int, frames: int, fps: fl
     return torch.nn.functional.pad(waveform, (0, target - waveform.shape[-1]))
 
 
+def fit_controls(controls: Controls | None, frames: int, fps: float) -> Controls:
+    """`controls` at the generator's `fps` (linear resampling) and exactly `frames` long, their last frame
+    held when they are shorter (`ControlSequence.fit(frames, "hold")`, logged). A difference of more than
+    one frame is also shown on the node. None or no parts gives empty controls (no conditioning)."""
+    if controls is None or not controls.parts:
+        return Controls(fps=fps)
+    at_rate = controls.resample(fps)
+    if abs(at_rate.frames - frames) > 1:
+        shorter = at_rate.frames < frames
+        bridge.notify(f"IMTalker: the controls last {at_rate.seconds:.2f} s ({at_rate.frames} frames at {fps:g} fps) "
+                      f"and the speech {frames / fps:.2f} s ({frames} frames); "
+                      + ("their last value is held to the end" if shorter else "the rest of the controls is unused"),
+                      logging.INFO if shorter else logging.WARNING)
+    return at_rate.fit(frames, "hold")
+
+
 class IMTalkerAudioToMotion:
     """Generates head and lip motion for the portrait from speech."""
 
@@ -58,7 +74,10 @@ class IMTalkerAudioToMotion:
                                "2 s."}),
             },
             "optional": {
-                "controls": (CONTROLS, {"tooltip": "Optional pose / camera / gaze sequences (IMTALKER_CONTROLS)."}),
+                "controls": (CONTROLS, {
+                    "tooltip": "Optional head pose / camera / eye gaze sequences (from the IMTalker Controls nodes). "
+                               "They are resampled to 25 fps; when shorter than the speech their last value is "
+                               "held, when longer the rest is unused (both shown on the node)."}),
             },
         }
 
@@ -88,7 +107,7 @@ class IMTalkerAudioToMotion:
         features = encoder(torch.from_numpy(speech), num_frames=frames)
         model = bridge.ensure_loaded(generator.generator)
         windows = math.ceil(frames / model.cfg.window_frames)
-        controls = controls or Controls()
+        controls = fit_controls(controls, frames, float(fps))
         latents = generate_motion(
             model, features, identity.motion, pose=controls.pose, cam=controls.cam, gaze=controls.gaze,
             cfg_scale=cfg_scale, steps=steps, seed=seed, noise=noise, noise_device="cpu",

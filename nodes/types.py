@@ -7,7 +7,7 @@
 | `IMTALKER_IDENTITY`  | `imtalker_core.Identity` (on the compute device, the renderer's dtype) |
 | `IMTALKER_MOTION`    | `Motion`: latents `[T, 32]` float32 on the CPU and their frame rate    |
 | `IMTALKER_CROP`      | `imtalker_core.media.CropBox`: where a face crop lies in its original  |
-| `IMTALKER_CONTROLS`  | `Controls`: optional pose/cam/gaze sequences for the generator         |
+| `IMTALKER_CONTROLS`  | `ControlSequence` (alias `Controls`): optional pose/cam/gaze and fps   |
 
 Core types (IMAGE, MASK, AUDIO, FLOAT, STRING) keep ComfyUI's conventions.
 """
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..imtalker_core.controls.sequence import ControlSequence
 
 RENDERER = "IMTALKER_RENDERER"
 GENERATOR = "IMTALKER_GENERATOR"
@@ -80,13 +82,6 @@ class Motion:
         return int(self.latents.shape[0])
 
 
-@dataclass(frozen=True)
-class Controls:
-    """Optional per-frame controls of the generator, each cropped or zero-padded to the audio.
-
-    pose: `[T, 3]` head rotation; cam: `[T, 3]` camera; gaze: `[T, 2]`. None means "not given".
-    """
-
-    pose: torch.Tensor | None = None
-    cam: torch.Tensor | None = None
-    gaze: torch.Tensor | None = None
+#: `IMTALKER_CONTROLS` values: optional pose / cam / gaze sequences with their frame rate. Audio To
+#: Motion resamples them to the generator's 25 fps and holds their last frame to the audio's length.
+Controls = ControlSequence

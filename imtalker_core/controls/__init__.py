@@ -1,0 +1,1 @@
+"""Per-frame generator controls: head pose, camera and eye gaze sequences, and how to make them."""
