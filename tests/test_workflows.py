@@ -148,8 +148,9 @@ def defs():
 
 def test_there_are_the_example_workflows():
     assert [p.name for p in WORKFLOWS] == [
-        "imtalker_audio_portrait.json", "imtalker_face_restore.json", "imtalker_long_audio_streaming.json",
-        "imtalker_one_node.json", "imtalker_photo_pasteback_upscale.json", "imtalker_video_reenactment.json"]
+        "imtalker_audio_portrait.json", "imtalker_blend_audio_video.json", "imtalker_face_restore.json",
+        "imtalker_head_turn_keyframes.json", "imtalker_long_audio_streaming.json", "imtalker_one_node.json",
+        "imtalker_photo_pasteback_upscale.json", "imtalker_video_reenactment.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -457,7 +458,8 @@ def test_workflow_is_grouped_and_compact(path):
     workflow = json.loads(path.read_text())
     groups = workflow.get("groups") or []
     titles = [g["title"] for g in groups]
-    assert {"Models", "Inputs", "Generate"} <= set(titles) <= {"Models", "Inputs", "Generate", "Output"}, titles
+    assert {"Models", "Inputs", "Generate"} <= set(titles) <= {"Models", "Inputs", "Controls", "Generate", "Motion",
+                                                                "Output"}, titles
     assert len(titles) == len(set(titles))
     for a in range(len(groups)):
         for b in range(a + 1, len(groups)):
