@@ -214,6 +214,8 @@ def render_batches(renderer: IMTRenderer, identity: Identity, motion: torch.Tens
                         allow_tf32)
 
 
+# The generator body runs after render_batches has returned, outside its no_grad: it needs its own.
+@torch.no_grad()
 def _render_iter(renderer, identity, motion, batch_size, output_device, callback, check_interrupt, allow_tf32):
     device, dtype = _model_place(renderer)
     identity = identity.to(device=device, dtype=dtype)

@@ -264,3 +264,17 @@ def test_half_precision_renderer_runs(tiny_renderer):
     got = render_frames(half, encode_identity(half, image), motion)
     assert got.dtype == torch.float32 and (got - ref).abs().mean() < 0.05
     assert F.l1_loss(got, ref) < 0.05
+
+
+def test_render_batches_records_no_autograd_graph():
+    """render_batches returns a lazy iterator: its body must run without autograd even when the caller
+    iterates outside `torch.no_grad` (a graph per batch costs time and memory)."""
+    from imtalker_core.config import tiny_renderer_config
+    from imtalker_core.pipeline import encode_identity, render_batches
+    from imtalker_core.renderer import IMTRenderer
+
+    torch.manual_seed(0)
+    renderer = IMTRenderer(tiny_renderer_config()).eval()  # parameters still require grad
+    identity = encode_identity(renderer, torch.rand(1, 3, 128, 128))
+    for batch in render_batches(renderer, identity, torch.randn(2, 32), batch_size=2):
+        assert not batch.requires_grad and batch.grad_fn is None
