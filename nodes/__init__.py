@@ -10,6 +10,7 @@ from .controls import (IMTalkerCombineControls, IMTalkerControlsConstant, IMTalk
 from .encode import IMTalkerEncodeIdentity, IMTalkerEncodeMotion
 from .face import IMTalkerCropFace, IMTalkerPasteBack
 from .generate import IMTalkerAudioToMotion
+from .landmark_controls import LANDMARK_CONTROL_DISPLAY_NAMES, LANDMARK_CONTROL_NODES
 from .loaders import IMTalkerLoadGenerator, IMTalkerLoadRenderer
 from .motion_edit import MOTION_EDIT_DISPLAY_NAMES, MOTION_EDIT_NODES
 from .render import IMTalkerRender, IMTalkerRenderToVideo
@@ -58,6 +59,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 
 NODE_CLASS_MAPPINGS.update(MOTION_EDIT_NODES)
 NODE_DISPLAY_NAME_MAPPINGS.update(MOTION_EDIT_DISPLAY_NAMES)
+NODE_CLASS_MAPPINGS.update(LANDMARK_CONTROL_NODES)
+NODE_DISPLAY_NAME_MAPPINGS.update(LANDMARK_CONTROL_DISPLAY_NAMES)
 
 if bridge.inside_comfyui():
     # Before any INPUT_TYPES call, so the dropdowns list models/imtalker (and extra_model_paths.yaml).
