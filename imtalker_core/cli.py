@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the reference's --fix_noise_seed)")
     a.add_argument("--noise-on-device", action="store_true",
                    help="draw the initial noise on the compute device (the reference on GPU); default CPU")
+    _add_stream_options(a)
     v = sub.add_parser("video", help="image + driving video → reenacted video (driving audio kept)")
     _common(v)
     v.add_argument("driving", type=Path, help="driving video")
@@ -91,6 +92,70 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--models", type=Path, default=None)
     m.add_argument("--download", action="store_true", help="download missing files now")
     return parser
+
+
+def _add_stream_options(p: argparse.ArgumentParser) -> None:
+    """Options of `audio --stream`: the video is written while it is generated (imtalker_core.stream)."""
+    g = p.add_argument_group("streaming (write frames as each 2 s motion window is ready)")
+    g.add_argument("--stream", action="store_true",
+                   help="write a fragmented MP4 progressively: to -o FILE.mp4 (as FILE.partial.mp4 until done) "
+                        "or to standard output with -o - (e.g. | ffplay -)")
+    g.add_argument("--stream-raw", action="store_true",
+                   help="with -o -: bare RGB24 frames (no header, no audio; size and rate are logged) instead of MP4")
+    g.add_argument("--first-batch-size", type=int, default=None,
+                   help="frames in the first rendered batch (default --batch-size; smaller = earlier first frame, "
+                        "frames then equal the non-streamed ones only up to float rounding)")
+    g.add_argument("--stream-audio", choices=["whole", "chunked"], default="whole",
+                   help="wav2vec2 features of the whole clip first (exact, default) or per window from "
+                        "nearby audio (time to first frame independent of the clip length; slightly different)")
+
+
+def _streaming(args: argparse.Namespace):
+    """None when `args` asks for no streaming; else the stream output: a path, or standard output's bytes.
+
+    Raises `InputError` for streaming options without --stream, and for a terminal as standard output."""
+    import sys
+
+    from .errors import InputError
+
+    stream = getattr(args, "stream", False) or getattr(args, "stream_raw", False)
+    to_stdout = str(args.output) == "-"
+    if not stream:
+        extra = [flag for flag, value in (("--first-batch-size", getattr(args, "first_batch_size", None)),
+                                          ("--stream-audio", getattr(args, "stream_audio", "whole") != "whole"),
+                                          ("-o -", to_stdout)) if value]
+        if extra:
+            raise InputError(f"{' and '.join(extra)} only apply to streamed output: add --stream")
+        return None
+    if not to_stdout:
+        return args.output
+    if sys.stdout.isatty():
+        raise InputError("standard output is a terminal, not a pipe: pipe the stream into a player "
+                         "(… -o - | ffplay -) or write it to a file with -o FILE.mp4")
+    return sys.stdout.buffer
+
+
+def _run_stream(args: argparse.Namespace, output, models, crop, controls: dict, device: str, bars) -> str:
+    """`audio --stream`: `runner.audio_to_stream`; a closed pipe leaves standard output quiet at exit."""
+    import errno
+    import os
+    import sys
+
+    from . import runner
+    from .media.video import OutputWriteError
+
+    try:
+        runner.audio_to_stream(models, args.image, args.audio, output, crop, raw=args.stream_raw, seed=args.seed,
+                               steps=args.steps, cfg_scale=args.cfg, **controls, batch_size=args.batch_size,
+                               first_batch_size=args.first_batch_size, noise=args.noise,
+                               noise_device=device if args.noise_on_device else "cpu", audio_mode=args.stream_audio,
+                               progress=bars)
+    except OutputWriteError as err:
+        if err.errno == errno.EPIPE and output is sys.stdout.buffer:
+            # Python flushes stdout at exit; into the closed pipe that would print a second error.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise
+    return "standard output" if output is sys.stdout.buffer else str(args.output)
 
 
 class _Bars:
@@ -142,9 +207,16 @@ def run(args: argparse.Namespace) -> int:
                                no_face_hint="add --center-crop-if-no-face to use the centred square, or crop "
                                             "the photo yourself")
     # Every check that needs no model runs first: a mistake costs seconds, not a model load.
+    stream_output = _streaming(args) if args.command == "audio" else None
     if args.command == "audio":
         controls = {name: runner.load_controls(getattr(args, name), width, name)
                     for name, width in (("pose", 3), ("cam", 3), ("gaze", 2))}
+    if stream_output is not None:
+        runner.check_stream_job(args.image, args.audio, stream_output, crop, raw=args.stream_raw, seed=args.seed,
+                                steps=args.steps, cfg_scale=args.cfg, batch_size=args.batch_size,
+                                first_batch_size=args.first_batch_size, noise=args.noise,
+                                audio_mode=args.stream_audio, control_paths=(args.pose, args.cam, args.gaze))
+    elif args.command == "audio":
         runner.check_audio_job(args.image, args.audio, args.output, crop, seed=args.seed, steps=args.steps,
                                cfg_scale=args.cfg, batch_size=args.batch_size, noise=args.noise,
                                control_paths=(args.pose, args.cam, args.gaze))
@@ -154,7 +226,9 @@ def run(args: argparse.Namespace) -> int:
                                 download=not args.no_download)
     bars = _Bars()
     try:
-        if args.command == "audio":
+        if stream_output is not None:
+            out = _run_stream(args, stream_output, models, crop, controls, device, bars)
+        elif args.command == "audio":
             out = runner.audio_to_video(
                 models, args.image, args.audio, args.output, crop, seed=args.seed, steps=args.steps,
                 cfg_scale=args.cfg, **controls, batch_size=args.batch_size, noise=args.noise,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,9 +18,11 @@ import torch
 
 from . import model_files
 from .checkpoints import load_generator_and_audio_encoder, load_renderer
+from .controls.sequence import PART_WIDTHS
+from .controls.sequence import load_controls as read_control_file
 from .errors import InputError
 from .sampling import NOISE_MODES
-from .validation import check_batch_size, check_cfg, check_control, check_fraction, check_seed, check_steps
+from .validation import check_batch_size, check_cfg, check_fraction, check_seed, check_steps
 from .generator import MotionGenerator
 from .generator.audio import AudioEncoder
 from .media.audio import check_audio, load_audio, probe_audio, to_mono_16k
@@ -81,38 +82,14 @@ def _no_face_hint(crop: CropSettings) -> dict:
 
 
 def load_controls(path: str | os.PathLike | None, width: int, name: str) -> torch.Tensor | None:
-    """A per-frame control sequence `[T, width]` from `.npy`, `.txt`/`.csv` or `.pt` (a tensor, or
+    """A per-frame control sequence `[T, width]` (`name`: pose, cam or gaze) from a file, read by
+    `controls.sequence.load_controls`: `.npy`, `.txt`/`.csv`, `.json`, `.npz` or `.pt` (a tensor, or
     a dict with `pose_params`/`cam` as written by SMIRK, which the reference reads)."""
     if path is None:
         return None
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{name} file not found: '{path}'")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            data = np.load(path, allow_pickle=False)
-        elif suffix in (".txt", ".csv"):
-            data = np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2)
-        elif suffix in (".pt", ".pth"):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(data, dict):
-                key = {"pose": "pose_params", "cam": "cam"}.get(name, name)
-                if key not in data:
-                    raise InputError(f"{path.name} has no '{key}' entry (found {sorted(map(str, data))})")
-                data = data[key]
-        else:
-            raise InputError(f"{name} file '{path.name}' must be .npy, .txt, .csv or .pt")
-        data = np.asarray(data.numpy() if isinstance(data, torch.Tensor) else data, dtype=np.float32)
-    except pickle.UnpicklingError as err:
-        raise InputError(f"{name} file '{path.name}' holds Python objects or code we refuse to load; "
-                         "save the values as a tensor or array (.npy, .csv)") from err
-    except (OSError, ValueError, TypeError, RuntimeError, EOFError) as err:
-        if isinstance(err, InputError):
-            raise
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"cannot read {name} file '{path.name}' as numbers: {reason}") from err
-    return check_control(data, width, name)
+    if PART_WIDTHS.get(name) != width:
+        raise InputError(f"{name} controls are not {width} numbers per frame; use pose (3), cam (3) or gaze (2)")
+    return read_control_file(path, parts=(name,)).get(name)
 
 
 def check_crop(crop: CropSettings) -> None:
@@ -287,3 +264,124 @@ def _stage(progress: Progress | None, stage: str):
     if progress is None:
         return None
     return lambda done, total: progress(stage, done, total)
+
+
+# --------------------------------------------------------------------------- streaming (live output)
+
+#: Keyframe interval of a streamed MP4 (frames): a fragment per second at 25 fps, so a reader lags by at most ~1 s.
+STREAM_KEYFRAME_INTERVAL = 25
+
+
+def _is_stream(output) -> bool:
+    return hasattr(output, "write")
+
+
+def check_stream_job(image_path, audio_path, output, crop: CropSettings = CropSettings(), *, raw: bool = False,
+                     seed: int = 42, steps: int = 10, cfg_scale: float = 3.0, batch_size: int = 4,
+                     first_batch_size: int | None = None, noise: str = "reference", audio_mode: str = "whole",
+                     control_paths: tuple = ()) -> None:
+    """`check_audio_job` for `audio_to_stream`: `output` is a file path (a fragmented MP4, checked as any
+    output path) or an open binary stream; raw frames need a stream."""
+    from .stream import AUDIO_MODES
+
+    _check_generation(seed, steps, cfg_scale, noise)
+    if first_batch_size is not None:
+        check_batch_size(first_batch_size, "first batch size")
+    if audio_mode not in AUDIO_MODES:
+        raise InputError(f"stream audio mode {audio_mode!r}: use one of {', '.join(AUDIO_MODES)}")
+    if _is_stream(output):
+        check_batch_size(batch_size)
+        check_crop(crop)
+    elif raw:
+        raise InputError(f"raw frames are written to a stream (standard output: -o -), not to '{output}'; "
+                         "drop the raw option to stream a fragmented MP4 into a file")
+    else:
+        _check_output(output, [image_path, audio_path, *(p for p in control_paths if p is not None)], crop,
+                      batch_size)
+    probe_audio(audio_path)
+    _check_source(image_path, crop)
+
+
+class _FrameAdapter:
+    """Renderer batches `[b, 3, S, S]` → what the video writers take (`[b, S, S, 3]`), pasted back into the
+    full photo when asked; runs wherever `write` is called (the writer thread)."""
+
+    def __init__(self, sink, crop: CropSettings, box: CropBox | None, original: np.ndarray):
+        self.sink, self.crop, self.box, self.original = sink, crop, box, original
+        self.buffer: np.ndarray | None = None
+
+    def write(self, frames: torch.Tensor) -> None:
+        frames = frames.permute(0, 2, 3, 1)
+        if not (self.crop.paste_back and self.box is not None):
+            self.sink.write(frames)
+            return
+        if self.buffer is None:
+            self.buffer = np.empty((*self.original.shape[:2], 3), dtype=np.float32)
+        for full in iter_paste_back(frames, self.box, self.original, self.crop.feather, out=self.buffer):
+            self.sink.write(full)
+
+    def close(self) -> None:
+        self.sink.close()
+
+    def abort(self) -> None:
+        self.sink.abort()
+
+
+def audio_to_stream(models: Models, image_path: str | os.PathLike, audio_path: str | os.PathLike, output,
+                    crop: CropSettings = CropSettings(), *, raw: bool = False, seed: int = 42, steps: int = 10,
+                    cfg_scale: float = 3.0, pose: torch.Tensor | None = None, cam: torch.Tensor | None = None,
+                    gaze: torch.Tensor | None = None, batch_size: int = 4, first_batch_size: int | None = None,
+                    noise: str = "reference", noise_device: str = "cpu", audio_mode: str = "whole",
+                    audio_window_frames: int | None = 1500, keyframe_interval: int = STREAM_KEYFRAME_INTERVAL,
+                    background: bool = True, max_pending: int = 2, progress: Progress | None = None):
+    """Portrait + speech → video written while it is generated (`imtalker_core.stream.stream_frames`).
+
+    output: a file path (a fragmented MP4 with the audio, under `<name>.partial.mp4` while it grows and
+    renamed when done, as `audio_to_video` does) or an open binary stream (a fragmented MP4 with the audio,
+    or with `raw` bare RGB24 frames without audio: `media.video.RawVideoWriter`). The MP4 is encoded with
+    libx264 `veryfast`/`zerolatency` and a keyframe every `keyframe_interval` frames, so a reader can play
+    it from the first fragment. With `background` the encoding runs on a writer thread
+    (`media.video.BackgroundWriter`, at most `max_pending` batches queued) while the next frames render;
+    the output is the same either way. With the defaults (`audio_mode="whole"`, `first_batch_size=None`)
+    the frames are those of `audio_to_video`. Returns the run's `stream.StreamTimings`.
+    """
+    from .media.video import BackgroundWriter, RawVideoWriter
+    from .stream import StreamTimings, stream_frames
+
+    if models.generator is None or models.audio_encoder is None:
+        raise InputError("audio-driven generation needs the generator and wav2vec2; load them with audio=True")
+    check_stream_job(image_path, audio_path, output, crop, raw=raw, seed=seed, steps=steps, cfg_scale=cfg_scale,
+                     batch_size=batch_size, first_batch_size=first_batch_size, noise=noise, audio_mode=audio_mode)
+    fps = int(models.generator.cfg.fps)
+    size = models.renderer.cfg.image_size
+    waveform, rate = load_audio(audio_path)
+    wave16 = to_mono_16k(waveform, rate)
+    check_audio(wave16, name=Path(audio_path).name)
+    source, original, box = _prepare_source(image_path, crop, size)
+    identity = encode_identity(models.renderer, source)
+    if raw:
+        sink = RawVideoWriter(output)
+        height, width = original.shape[:2] if crop.paste_back and box is not None else (size, size)
+        log.info("streaming raw RGB24 frames, %dx%d at %d fps, no audio", width, height, fps)
+    else:
+        sink = VideoWriter(output, fps, audio=(waveform, rate), preset="veryfast", fragmented=True,
+                           keyframe_interval=keyframe_interval, tune="zerolatency")
+    writer = _FrameAdapter(sink, crop, box, original)
+    if background:
+        writer = BackgroundWriter(writer, max_pending=max_pending)
+    timings = StreamTimings()
+    frames_out = stream_frames(models.renderer, models.generator, models.audio_encoder, identity, wave16, pose=pose,
+                               cam=cam, gaze=gaze, cfg_scale=cfg_scale, steps=steps, seed=seed, noise=noise,
+                               noise_device=noise_device, batch_size=batch_size, first_batch_size=first_batch_size,
+                               audio_mode=audio_mode, audio_window_frames=audio_window_frames,
+                               callback=_stage(progress, "render"), timings=timings)
+    try:
+        for frames in frames_out:
+            writer.write(frames)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    log.info("streamed %d frames: first after %.0f ms%s", timings.frames, 1000 * (timings.first_frame_s or 0.0),
+             f", then {timings.steady_fps:.2f} frames/s" if timings.steady_fps else "")
+    return timings

@@ -9,20 +9,29 @@ frame arrives, and renames it into place only after a successful close; an excep
 Ctrl+C (and SIGTERM/SIGHUP under the command line, which turns them into KeyboardInterrupt)
 deletes it, so no half-written file is ever left under either name.
 `check_output_path` runs every check on an output name up front, before any model loads.
+
+For live use, `VideoWriter(fragmented=True)` writes a fragmented MP4 (a header without sample
+tables, then self-contained fragments starting at keyframes), which players can read while it
+grows; it can also go to an open binary stream (a pipe, standard output). `RawVideoWriter` writes
+bare RGB24 frames to a stream, and `BackgroundWriter` runs any writer on a thread of its own so
+that encoding overlaps the caller's work.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import queue
 import tempfile
+import threading
 import weakref
 from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import av
 import numpy as np
@@ -31,6 +40,9 @@ import torch
 from ..errors import IMTalkerError, InputError
 from .files import existing_file
 from .images import to_uint8
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +54,9 @@ _AAC_RATES = frozenset({8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 4
 OUTPUT_FORMATS = {".mp4": "mp4", ".m4v": "ipod", ".mov": "mov"}
 #: A clip is variable-rate when some frame is this many frame intervals off an even spacing.
 _VFR_TOLERANCE = 0.5
+#: MP4 muxer flags of a fragmented file: an empty `moov` header first, a fragment from each keyframe,
+#: fragments addressed from their own start (what browsers' Media Source Extensions want).
+FRAGMENTED_MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
 #: Highest rate a variable-rate clip is resampled to.
 _MAX_RESAMPLE_FPS = 120
 #: A header rate this close (relative) to a variable-rate clip's typical rate is used instead.
@@ -294,7 +309,8 @@ def video_info(path: str | os.PathLike) -> VideoInfo:
         try:
             first = next(container.decode(stream), None)
         except av.FFmpegError as exc:
-            raise InputError(f"Could not decode '{Path(path).name}': {exc}. The file may be damaged; re-export it.") from exc
+            raise InputError(f"Could not decode '{Path(path).name}': {exc}. The file may be damaged; "
+                             "re-export it.") from exc
         if first is not None:
             turns = _quarter_turns(first)
             if turns % 2:
@@ -460,6 +476,16 @@ class VideoWriter:
     and stereo are kept, more channels are averaged to mono, and rates AAC does not support are
     converted to 48 kHz.
 
+    ``fragmented=True`` writes a fragmented MP4 (`FRAGMENTED_MOVFLAGS`), readable while it grows: a
+    fragment per keyframe, so ``keyframe_interval`` (frames; default the encoder's, 250) sets how
+    often the readable part grows. ``tune`` is passed to libx264 (``"zerolatency"``: no frame
+    look-ahead and no B-frames, so each frame is encoded as soon as it arrives).
+
+    ``path`` may also be an open binary stream (anything with ``write``: a pipe, ``sys.stdout.buffer``,
+    a socket file): the video is then written to it as a fragmented MP4 (MP4 needs seeking
+    otherwise), there is no partial file, and the stream is flushed, not closed, by `close`;
+    ``abort`` stops writing and leaves what was already written.
+
     The file is written as ``<stem>.partial<suffix>``, created only when the first frame is
     written, and renamed to ``path`` on a successful `close`. On every other way out the
     partial file is deleted (or kept under its ``.partial`` name when ``keep_partial=True``):
@@ -473,17 +499,25 @@ class VideoWriter:
     naming the file.
     """
 
-    def __init__(self, path: str | os.PathLike, fps: float | int | Fraction,
+    def __init__(self, path: str | os.PathLike | BinaryIO, fps: float | Fraction,
                  audio: tuple[np.ndarray | torch.Tensor, int] | None = None, crf: int = 18,
-                 preset: str = "medium", keep_partial: bool = False) -> None:
-        self.path = Path(path)
+                 preset: str = "medium", keep_partial: bool = False, fragmented: bool = False,
+                 keyframe_interval: int | None = None, tune: str | None = None) -> None:
+        self._target: BinaryIO | None = path if hasattr(path, "write") else None  # type: ignore[assignment]
+        self.path = Path(getattr(path, "name", "<stream>")) if self._target is not None else Path(path)
         if not fps or not float(fps) > 0:
             raise InputError(f"fps must be positive, got {fps}")
         if not 0 <= crf <= 51:
             raise InputError(f"crf must be between 0 (lossless) and 51 (worst), got {crf}")
         if preset not in PRESETS:
             raise InputError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
-        self._format = _check_output_name(self.path)
+        if keyframe_interval is not None and not keyframe_interval >= 1:
+            raise InputError(f"keyframe_interval must be at least 1 frame, got {keyframe_interval}")
+        self._format = "mp4" if self._target is not None else _check_output_name(self.path)
+        # A stream cannot be rewound to write the sample tables at the end, so it is always fragmented.
+        self.fragmented = fragmented or self._target is not None
+        self.keyframe_interval = keyframe_interval
+        self.tune = tune
         self.rate = Fraction(fps).limit_denominator(1_000_000)
         self.crf = int(crf)
         self.preset = preset
@@ -499,6 +533,9 @@ class VideoWriter:
         self._closed = False
         self._created = False  # True while the partial file may exist on disk
         self._finalizer: weakref.finalize | None = None
+        if self._target is not None:
+            logger.debug("writing a fragmented MP4 to %s", self.path)
+            return
 
         folder = self.path.parent
         try:
@@ -530,7 +567,7 @@ class VideoWriter:
             array = array.mean(axis=0, dtype=np.float32, keepdims=True)
         return array, int(rate)
 
-    def __enter__(self) -> "VideoWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -543,12 +580,14 @@ class VideoWriter:
 
     def _open(self, height: int, width: int) -> None:
         """Create the partial file and the streams at the first frame (FFmpeg needs the size first)."""
-        if not self.keep_partial:
+        if self._target is None and not self.keep_partial:
             # Dropped without close/abort (no `with`, or the interpreter exits): delete the partial.
             self._finalizer = weakref.finalize(self, _discard_partial, self.partial_path)
-        self._created = True
+        self._created = self._target is None
+        options = {"movflags": FRAGMENTED_MOVFLAGS} if self.fragmented else {}
         try:
-            container = av.open(str(self.partial_path), mode="w", format=self._format)
+            container = av.open(self._target if self._target is not None else str(self.partial_path), mode="w",
+                                format=self._format, options=options)
         except av.FFmpegError as exc:
             if isinstance(exc, OSError):
                 raise
@@ -558,7 +597,9 @@ class VideoWriter:
         stream = container.add_stream("libx264", rate=self.rate)
         stream.width, stream.height = width + width % 2, height + height % 2
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(self.crf), "preset": self.preset}
+        stream.options = {"crf": str(self.crf), "preset": self.preset,
+                          **({"g": str(self.keyframe_interval)} if self.keyframe_interval else {}),
+                          **({"tune": self.tune} if self.tune else {})}
         self._video_stream = stream
         if width % 2 or height % 2:
             logger.info("frame size %dx%d is odd; padding to %dx%d for yuv420p", width, height,
@@ -641,6 +682,11 @@ class VideoWriter:
                 self._mux(self._audio_stream.encode(None))
             self._container.close()
             self._closed = True
+            if self._target is not None:
+                self._target.flush()
+                logger.info("wrote a fragmented MP4 to %s: %d frames at %s fps", self.path, self.frames_written,
+                            self.rate)
+                return
             os.replace(self.partial_path, self.path)
             self._created = False
             if self._finalizer is not None:
@@ -690,6 +736,11 @@ class VideoWriter:
         self.abort()
         fate = (f"the incomplete file is kept as '{self.partial_path.name}'" if self.keep_partial
                 else "the incomplete file was removed")
+        if self._target is not None:
+            reason = ("the program reading it closed the stream" if exc.errno == errno.EPIPE
+                      else str(exc))
+            raise OutputWriteError(f"Could not write the video to {self.path}: {reason}; stopped.", exc.errno,
+                                   str(self.path)) from exc
         if _is_disk_full(exc):
             message = (f"Could not write '{self.path}': the disk is full. Free some space or choose "
                        f"another output folder; {fate}.")
@@ -708,7 +759,7 @@ def _discard_partial(path: Path) -> None:
         logger.warning("could not remove the incomplete file %s: %s", path, exc)
 
 
-def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray | torch.Tensor], fps: float | int | Fraction,
+def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray | torch.Tensor], fps: float | Fraction,
                 audio: tuple[np.ndarray | torch.Tensor, int] | None = None, **options: object) -> Path:
     """Write an iterable of frames or frame batches (see `VideoWriter.write`) to ``path``.
 
@@ -722,3 +773,185 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray | torch.Ten
             for batch in frames:
                 writer.write(batch)
     return writer.path
+
+
+class FrameSink(Protocol):
+    """What `BackgroundWriter` drives: `VideoWriter`, `RawVideoWriter` or any object like them."""
+
+    def write(self, frames: np.ndarray | torch.Tensor) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class RawVideoWriter:
+    """Bare RGB24 frames (``H × W × 3`` bytes each, rows top to bottom, no header) to a binary stream.
+
+    What ``ffplay -f rawvideo -pixel_format rgb24 -video_size WxH -framerate 25 -`` or a program
+    reading fixed-size records expects. ``write`` takes what `VideoWriter.write` takes; the first
+    frame fixes the size (an odd size is kept: nothing here needs even sizes). ``close`` flushes the
+    stream without closing it; ``abort`` stops writing. A failing stream (e.g. its reader quit)
+    raises `OutputWriteError`.
+    """
+
+    def __init__(self, stream: BinaryIO, name: str | None = None) -> None:
+        if not hasattr(stream, "write"):
+            raise InputError(f"RawVideoWriter writes to an open binary stream, got {type(stream).__name__}")
+        self.stream = stream
+        self.name = name or str(getattr(stream, "name", "<stream>"))
+        self.frames_written = 0
+        self.size: tuple[int, int] | None = None  # (height, width) of every frame
+        self._closed = False
+
+    def write(self, frames: np.ndarray | torch.Tensor) -> None:
+        if self._closed:
+            raise IMTalkerError(f"the raw frame writer for {self.name} is already closed")
+        batch = _frames_to_uint8(frames)
+        if not len(batch):
+            return
+        size = tuple(batch.shape[1:3])
+        if self.size is None:
+            self.size = size  # type: ignore[assignment]
+            logger.info("raw RGB24 frames to %s: %dx%d each", self.name, size[1], size[0])
+        elif size != self.size:
+            raise InputError(f"all frames must have one size: got {size[1]}x{size[0]}, "
+                             f"but the stream is {self.size[1]}x{self.size[0]}")
+        try:
+            self.stream.write(np.ascontiguousarray(batch).tobytes())
+        except OSError as exc:
+            self._closed = True
+            reason = "the program reading it closed the stream" if exc.errno == errno.EPIPE else str(exc)
+            raise OutputWriteError(f"Could not write frames to {self.name}: {reason}; stopped.", exc.errno,
+                                   self.name) from exc
+        self.frames_written += len(batch)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.frames_written == 0:
+            raise InputError(f"no frames were written to {self.name} (a video needs at least one frame).")
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            raise OutputWriteError(f"Could not write frames to {self.name}: {exc}", exc.errno, self.name) from exc
+
+    def abort(self) -> None:
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+class BackgroundWriter:
+    """Runs a writer's ``write`` calls on a thread of its own, so encoding overlaps the caller's work.
+
+    ``writer`` is a `FrameSink` (`VideoWriter`, `RawVideoWriter`, …); its ``write`` is called on the
+    thread, in order, and its ``close``/``abort`` on the caller's thread once the thread has finished.
+    At most ``max_pending`` batches wait in the queue: ``write`` blocks beyond that, so memory stays
+    bounded when the writer is slower than the producer. The batches are handed over as they are,
+    not copied: the caller must not modify a batch after passing it (the renderer makes new tensors
+    for every batch).
+
+    An exception raised by the writer on the thread stops it (the batches still queued are dropped)
+    and is re-raised, the same object, in the caller's thread by the next ``write`` or by ``close``;
+    the writer is then aborted. Use as a context manager, like `VideoWriter`: an exception in the
+    ``with`` block aborts the writer after stopping the thread.
+    """
+
+    _POLL_S = 0.1  # how often a blocked `write` looks whether the thread has died
+
+    def __init__(self, writer: FrameSink, max_pending: int = 2, name: str = "imtalker-writer") -> None:
+        if max_pending < 1:
+            raise InputError(f"max_pending must be at least 1, got {max_pending}")
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: Exception | None = None
+        self._stop = threading.Event()  # set by abort: drop what is queued
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            if self._error is not None or self._stop.is_set():
+                continue  # drain: the producer may still be blocked on a full queue
+            try:
+                self.writer.write(batch)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller's thread, re-raised there
+                self._error = exc
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error = self._error
+            self._finish(abort=True)
+            raise error
+
+    def write(self, frames: np.ndarray | torch.Tensor) -> None:
+        """Queue a batch for the writer (blocks while `max_pending` batches wait)."""
+        if self._finished:
+            raise IMTalkerError("the background writer is already closed")
+        self._raise_error()
+        while True:
+            try:
+                self._queue.put(frames, timeout=self._POLL_S)
+                return
+            except queue.Full:
+                self._raise_error()
+                if not self._thread.is_alive():
+                    self._finish(abort=True)
+                    raise IMTalkerError("the writer thread stopped unexpectedly; nothing more can be written")
+
+    def _finish(self, abort: bool) -> None:
+        """Stop the thread (after the queued batches unless `abort`), then close or abort the writer."""
+        if self._finished:
+            return
+        self._finished = True
+        if abort:
+            self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=self._POLL_S)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+        if abort or self._error is not None:
+            self.writer.abort()
+        else:
+            self.writer.close()
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread and close the writer; re-raises a writer error."""
+        if self._finished:
+            return
+        self._finish(abort=False)
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Drop what is queued, stop the thread and abort the writer."""
+        self._finish(abort=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
