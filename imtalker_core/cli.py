@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="show (and fetch) the model files")
     m.add_argument("--models", type=Path, default=None)
     m.add_argument("--download", action="store_true", help="download missing files now")
+    # Training (imtalker_core.training): each registers its subcommands with a `handler`; importing them
+    # loads neither accelerate nor transformers.
+    from .training.generator_train import register as register_generator_training
+    from .training.renderer_train import register as register_renderer_training
+    register_generator_training(sub)
+    register_renderer_training(sub)
     return parser
 
 
@@ -181,6 +187,10 @@ class _Bars:
 
 def run(args: argparse.Namespace) -> int:
     from . import convert_to_safetensors, runner
+
+    handler = getattr(args, "handler", None)
+    if handler is not None:  # prepare-data, train-generator, train-renderer
+        return handler(args)
 
     if args.command == "convert":
         stats = convert_to_safetensors(args.source, args.output, dtype=DTYPES.get(args.dtype), use_ema=args.ema,

@@ -322,20 +322,17 @@ def test_resampling_to_25_fps_maps_each_output_frame_once():
 
 
 def test_train_generator_command_line(tmp_path):
-    import argparse
-
-    from imtalker_core.training.generator_train import register
+    """`python -m imtalker_core train-generator …` (the package's own command line) on a tiny synthetic set."""
+    from imtalker_core.cli import build_parser, main
 
     _synthetic_data(tmp_path / "data")
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train-generator", str(tmp_path / "data"), str(tmp_path / "run"), "--architecture",
-                              "tiny", "--steps", "2", "--cpu", "--num-workers", "0", "--preview-every", "0",
-                              "--log-every", "1", "--loss", "mse", "--condition-dropout", "0.2"])
-    assert args.handler(args) == 0
+    parser = build_parser()
+    assert main(["train-generator", str(tmp_path / "data"), str(tmp_path / "run"), "--architecture",
+                 "tiny", "--steps", "2", "--cpu", "--num-workers", "0", "--preview-every", "0",
+                 "--log-every", "1", "--loss", "mse", "--condition-dropout", "0.2"]) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["loss"] == "mse" and saved["condition_dropout"] == 0.2 and saved["steps"] == 2
     assert sorted(_losses(tmp_path / "run")) == [1, 2]
-    load_generator(tmp_path / "run" / "generator_ema.safetensors", cfg=_tiny_cfg())
+    assert load_generator(tmp_path / "run" / "generator_ema.safetensors").cfg == _tiny_cfg()
     with pytest.raises(SystemExit):
         parser.parse_args(["train-generator", "d", "o", "--loss", "huber"])

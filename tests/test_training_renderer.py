@@ -467,3 +467,16 @@ def test_register_adds_train_renderer():
     assert args.handler is rt.main_train_renderer
     assert (args.loss_vgg_face, args.loss_gan, args.loss_l1, args.batch_size) == (50.0, 0.0, 1.0, 8)
     assert args.lr == 1e-4 and args.final_lr == 1e-4 and args.steps == 7_000_000
+
+
+def test_train_renderer_command_line(tmp_path, vgg_file):
+    """`python -m imtalker_core train-renderer …` (the package's own command line) on tiny synthetic clips; the
+    exported renderer loads at its own size without naming its configuration."""
+    from imtalker_core import load_renderer
+    from imtalker_core.cli import main
+
+    data = write_prepared(tmp_path / "data", clips=2, frames=2)
+    run = tmp_path / "run"
+    assert main(["train-renderer", str(data), str(run), "--architecture", "tiny", "--steps", "1", "--batch-size", "1",
+                 "--cpu", "--num-workers", "0", "--vgg-weights", str(vgg_file), "--preview-every", "0"]) == 0
+    assert load_renderer(run / "renderer.safetensors").cfg == tiny_renderer_config()
