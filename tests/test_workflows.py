@@ -150,7 +150,8 @@ def test_there_are_the_example_workflows():
     assert [p.name for p in WORKFLOWS] == [
         "imtalker_audio_portrait.json", "imtalker_blend_audio_video.json", "imtalker_face_restore.json",
         "imtalker_head_turn_keyframes.json", "imtalker_long_audio_streaming.json", "imtalker_one_node.json",
-        "imtalker_photo_pasteback_upscale.json", "imtalker_video_reenactment.json"]
+        "imtalker_photo_pasteback_upscale.json", "imtalker_pose_gaze_from_video.json",
+        "imtalker_video_reenactment.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -320,7 +321,7 @@ def test_one_node_workflow_uses_talking_head(defs):
 
 LOADERS = {"LoadImage", "LoadAudio", "LoadVideo"}
 # Our nodes that pick a file of the input folder with their first widget.
-FILE_READERS = LOADERS | {"IMTalkerVideoToMotion"}
+FILE_READERS = LOADERS | {"IMTalkerVideoToMotion", "IMTalkerPoseGazeFromVideoFile"}
 EXAMPLE_INPUTS = ROOT / "example_inputs"
 
 

@@ -159,3 +159,15 @@ def test_blend_of_speech_and_relative_video_motion_template_runs(pack, workspace
     assert torch.equal(blended.latents[:25], speech.latents[:25])
     assert not torch.allclose(blended.latents[-1], speech.latents[-1])
     check_video(outputs[of_type(prompt, "IMTalkerRenderToVideo")][0], FRAMES)
+
+
+def test_speech_with_head_pose_and_gaze_from_a_video_template_runs(pack, workspace):
+    prompt, outputs = run_template(pack, "imtalker_pose_gaze_from_video.json", workspace)
+    (controls,) = outputs[of_type(prompt, "IMTalkerPoseGazeFromVideoFile")]
+    assert controls.parts == ("pose", "gaze") and controls.fps == 25
+    assert controls.frames == 100  # the 4 s driving clip, read from the file
+    assert torch.equal(controls.pose[0], torch.zeros(3))  # neutral = first: relative to the first frame
+    assert controls.pose.abs().max() > 0.01  # and the head does move
+    motion, _, _ = outputs[of_type(prompt, "IMTalkerAudioToMotion")]
+    assert motion.frames == FRAMES
+    check_video(outputs[of_type(prompt, "IMTalkerRenderToVideo")][0], FRAMES)
