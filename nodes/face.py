@@ -8,6 +8,7 @@ import torch
 from ..imtalker_core.errors import InputError
 from ..imtalker_core.media.face import CropBox, crop_face, paste_back, paste_mask, stable_video_box
 from ..imtalker_core.media.face_device import crop as crop_batch
+from ..imtalker_core.media.face_device import paste as paste_on_device
 from . import bridge
 from .types import CROP
 
@@ -38,12 +39,18 @@ def check_originals(originals: torch.Tensor, box: CropBox, frames: int) -> torch
 
 def paste_into(frames: torch.Tensor, box: CropBox, originals: torch.Tensor, feather: float,
                first_index: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Paste crops `[T, S, S, 3]` into originals (from `check_originals`): `[T, H, W, 3]` float32 CPU.
+    """Paste crops `[T, S, S, 3]` into originals (from `check_originals`): `[T, H, W, 3]` float32, on the
+    frames' device (crops on a GPU are pasted there, `face_device`; else on the CPU).
 
     With one original per frame, frame i of this batch goes into original `first_index + i`, so a
     streamed batch lands in the right frames of a video. `out`: a float32 CPU `[T, H, W, 3]` tensor
     (a view of a larger canvas is fine) to write into instead of allocating; it is returned.
     """
+    if frames.device.type != "cpu" and out is None:
+        # A GPU graph keeps its frames on the device: the torch paste-back (the same numbers as OpenCV's).
+        count = frames.shape[0]
+        wanted = originals[:1] if originals.shape[0] == 1 else originals[first_index:first_index + count]
+        return paste_on_device(frames, box, wanted.to(frames.device), feather, device_path=True)
     frames = frames.cpu()
     if originals.shape[0] == 1:
         return paste_back(frames, box, originals[0], feather, out=out)

@@ -327,3 +327,21 @@ def test_paste_back_rejects_bad_feather_and_chunk() -> None:
         paste_back_on_device(frames, box, original, feather=0.7)
     with pytest.raises(InputError, match="chunk must be at least 1 frame, got 0"):
         iter_paste_back_on_device(frames, box, original, chunk=0)
+
+
+def test_paste_back_node_keeps_device_frames_on_their_device():
+    """Paste Back (nodes/face.py `paste_into`) hands frames that live on a device to the torch path and
+    returns them there; CPU frames keep the OpenCV path. The `meta` device stands for a GPU here."""
+    import importlib
+
+    from tests.test_nodes import PACK_NAME, load_pack
+
+    load_pack()
+    node_face = importlib.import_module(f"{PACK_NAME}.nodes.face")
+    pack_box = importlib.import_module(f"{PACK_NAME}.imtalker_core.media.face").CropBox
+    box = pack_box(x0=10, y0=20, size=64, image_h=100, image_w=120)
+    originals = torch.rand(3, 100, 120, 3)
+    out = node_face.paste_into(torch.empty(2, 64, 64, 3, device="meta"), box, originals, 0.1, first_index=1)
+    assert out.device.type == "meta" and tuple(out.shape) == (2, 100, 120, 3)
+    cpu = node_face.paste_into(torch.rand(2, 64, 64, 3), box, originals, 0.1, first_index=1)
+    assert cpu.device.type == "cpu" and tuple(cpu.shape) == (2, 100, 120, 3)
