@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--pose", type=Path, help="per-frame head pose [T,3] (.npy/.txt/.csv/.pt)")
     a.add_argument("--cam", type=Path, help="per-frame camera [T,3] (.npy/.txt/.csv/.pt)")
     a.add_argument("--gaze", type=Path, help="per-frame eye gaze [T,2] (.npy/.txt/.csv)")
+    a.add_argument("--controls-fit", choices=["hold", "trim_or_zero"], default="hold",
+                   help="control files shorter than the speech: 'hold' repeats their last value (default); "
+                        "'trim_or_zero' pads with zeros as the reference does (frontal head, eyes on the camera); "
+                        "longer files are cut either way")
     a.add_argument("--noise", choices=list(NOISE_MODES), default="reference",
                    help="initial noise: 'reference' = seeded once, fresh for every 2 s window (the reference's "
                         "default); 'fixed_per_window' = every window starts from the same noise "
@@ -155,7 +159,7 @@ def _run_stream(args: argparse.Namespace, output, models, crop, controls: dict, 
                                steps=args.steps, cfg_scale=args.cfg, **controls, batch_size=args.batch_size,
                                first_batch_size=args.first_batch_size, noise=args.noise,
                                noise_device=device if args.noise_on_device else "cpu", audio_mode=args.stream_audio,
-                               progress=bars)
+                               progress=bars, controls_fit=args.controls_fit)
     except OutputWriteError as err:
         if err.errno == errno.EPIPE and output is sys.stdout.buffer:
             # Python flushes stdout at exit; into the closed pipe that would print a second error.
@@ -243,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
                 models, args.image, args.audio, args.output, crop, seed=args.seed, steps=args.steps,
                 cfg_scale=args.cfg, **controls, batch_size=args.batch_size, noise=args.noise,
                 noise_device=device if args.noise_on_device else "cpu",
-                progress=bars)
+                progress=bars, controls_fit=args.controls_fit)
         else:
             out = runner.video_to_video(models, args.image, args.driving, args.output, crop,
                                         batch_size=args.batch_size, keep_audio=not args.mute, progress=bars)

@@ -18,7 +18,7 @@ import torch
 
 from . import model_files
 from .checkpoints import load_generator_and_audio_encoder, load_renderer
-from .controls.sequence import PART_WIDTHS
+from .controls.sequence import PART_WIDTHS, ControlSequence
 from .controls.sequence import load_controls as read_control_file
 from .errors import InputError
 from .sampling import NOISE_MODES
@@ -29,6 +29,7 @@ from .media.audio import check_audio, load_audio, probe_audio, to_mono_16k
 from .media.face import CropBox, crop_box, crop_face, iter_paste_back, stable_video_box
 from .media.images import load_image, to_model_input
 from .media.video import VideoWriter, check_output_path, read_video, video_info
+from .timing import frame_count
 from .pipeline import encode_identity, encode_motion, generate_motion, render_batches
 from .renderer import IMTRenderer
 
@@ -90,6 +91,21 @@ def load_controls(path: str | os.PathLike | None, width: int, name: str) -> torc
     if PART_WIDTHS.get(name) != width:
         raise InputError(f"{name} controls are not {width} numbers per frame; use pose (3), cam (3) or gaze (2)")
     return read_control_file(path, parts=(name,)).get(name)
+
+
+def fit_controls(pose: torch.Tensor | None, cam: torch.Tensor | None, gaze: torch.Tensor | None, frames: int,
+                 mode: str = "hold") -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The controls (25 fps) cut or extended to the clip's `frames`: "hold" repeats the last value (the head
+    stays where the file leaves it), "trim_or_zero" pads with zeros as the reference does. Logged when the
+    lengths differ. Parts may have different lengths; each is fitted."""
+    fitted = []
+    for name, value in (("pose", pose), ("cam", cam), ("gaze", gaze)):
+        if value is None:
+            fitted.append(None)
+            continue
+        sequence = ControlSequence(**{name: value}).fit(frames, mode)
+        fitted.append(getattr(sequence, name))
+    return tuple(fitted)
 
 
 def check_crop(crop: CropSettings) -> None:
@@ -162,10 +178,11 @@ def audio_to_video(models: Models, image_path: str | os.PathLike, audio_path: st
                    steps: int = 10, cfg_scale: float = 3.0, pose: torch.Tensor | None = None,
                    cam: torch.Tensor | None = None, gaze: torch.Tensor | None = None, batch_size: int = 4,
                    noise: str = "reference", noise_device: str = "cpu", audio_window_frames: int | None = 1500,
-                   progress: Progress | None = None) -> Path:
+                   progress: Progress | None = None, controls_fit: str = "hold") -> Path:
     """Portrait + speech → talking-face MP4 (25 fps, the audio muxed in). Returns the output path.
 
-    The video has `ceil(seconds × 25)` frames; the audio track is the input audio unchanged.
+    The video has `ceil(seconds × 25)` frames; the audio track is the input audio unchanged. Controls of
+    another length are fitted to it (`fit_controls`, `controls_fit`).
     The settings and the output path are checked first; reading the audio and the portrait (with its
     face) comes next, before any model runs (`check_audio_job` does all of it without models).
     """
@@ -178,6 +195,7 @@ def audio_to_video(models: Models, image_path: str | os.PathLike, audio_path: st
     waveform, rate = load_audio(audio_path)
     wave16 = to_mono_16k(waveform, rate)
     check_audio(wave16, name=Path(audio_path).name)
+    pose, cam, gaze = fit_controls(pose, cam, gaze, frame_count(len(wave16), fps), controls_fit)
     source, original, box = _prepare_source(image_path, crop, size)
     with VideoWriter(output_path, fps, audio=(waveform, rate)) as writer:
         device = next(models.audio_encoder.parameters()).device
@@ -333,7 +351,8 @@ def audio_to_stream(models: Models, image_path: str | os.PathLike, audio_path: s
                     gaze: torch.Tensor | None = None, batch_size: int = 4, first_batch_size: int | None = None,
                     noise: str = "reference", noise_device: str = "cpu", audio_mode: str = "whole",
                     audio_window_frames: int | None = 1500, keyframe_interval: int = STREAM_KEYFRAME_INTERVAL,
-                    background: bool = True, max_pending: int = 2, progress: Progress | None = None):
+                    background: bool = True, max_pending: int = 2, progress: Progress | None = None,
+                    controls_fit: str = "hold"):
     """Portrait + speech → video written while it is generated (`imtalker_core.stream.stream_frames`).
 
     output: a file path (a fragmented MP4 with the audio, under `<name>.partial.mp4` while it grows and
@@ -357,6 +376,7 @@ def audio_to_stream(models: Models, image_path: str | os.PathLike, audio_path: s
     waveform, rate = load_audio(audio_path)
     wave16 = to_mono_16k(waveform, rate)
     check_audio(wave16, name=Path(audio_path).name)
+    pose, cam, gaze = fit_controls(pose, cam, gaze, frame_count(len(wave16), fps), controls_fit)
     source, original, box = _prepare_source(image_path, crop, size)
     identity = encode_identity(models.renderer, source)
     if raw:

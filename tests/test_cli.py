@@ -232,3 +232,17 @@ def test_unreachable_hub_is_decided_quickly(tmp_path, monkeypatch):
         model_files.fetch(tmp_path, ["renderer.ckpt"])
     assert time.perf_counter() - start < 1
     assert attempts == [(("mirror.example", 8443), model_files.CONNECT_TIMEOUT)]
+
+
+def test_control_files_are_fitted_to_the_speech():
+    """The command line fits control files to the clip: longer ones cut, shorter ones hold their last value
+    (default) or are padded with zeros as the reference does (`--controls-fit trim_or_zero`)."""
+    pose = torch.arange(30, dtype=torch.float32).reshape(10, 3) / 100
+    gaze = torch.tensor([[0.1, -0.2], [0.3, 0.4]])
+    fitted_pose, cam, fitted_gaze = runner.fit_controls(pose, None, gaze, 6)
+    assert cam is None and torch.equal(fitted_pose, pose[:6])
+    assert torch.equal(fitted_gaze, torch.cat([gaze, gaze[-1:].expand(4, 2)]))
+    _, _, zero_gaze = runner.fit_controls(None, None, gaze, 6, "trim_or_zero")
+    assert torch.equal(zero_gaze, torch.cat([gaze, torch.zeros(4, 2)]))
+    args = cli.build_parser().parse_args(["audio", "a.png", "b.wav", "-o", "c.mp4", "--controls-fit", "trim_or_zero"])
+    assert args.controls_fit == "trim_or_zero"
