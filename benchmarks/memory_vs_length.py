@@ -3,8 +3,8 @@
 Each length runs in a fresh process: speech is looped to the length, encoded by wav2vec2 (a small
 random 768-wide stand-in: the real weights are not available offline), turned into motion by the
 full-size generator (stand-in weights), rendered by a *tiny* renderer configuration (the full one costs
-4–6 s per frame on a 2-core CPU; `--no-render` stops before rendering) and streamed into an H.264 MP4 with the audio muxed in. Peak RSS
-(VmHWM) is reported per stage.
+4–6 s per frame on a 2-core CPU; `--no-render` stops before rendering) and streamed into an H.264 MP4
+with the audio muxed in. Peak RSS (VmHWM) is reported per stage.
 
     python benchmarks/memory_vs_length.py --seconds 10 60 600 [--models DIR]
 """

@@ -148,7 +148,8 @@ def test_missing_file():
 
 
 def test_model_entries_strip_prefix_only_at_start():
-    raw = {"state_dict": {"model.fmt.x": torch.zeros(1), "model.model.y": torch.zeros(1), "other.model.z": torch.zeros(1)}}
+    raw = {"state_dict": {"model.fmt.x": torch.zeros(1), "model.model.y": torch.zeros(1),
+                          "other.model.z": torch.zeros(1)}}
     assert set(model_entries(raw, "generator")) == {"fmt.x", "model.y"}
 
 

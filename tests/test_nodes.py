@@ -207,7 +207,8 @@ class FakeComfy:
         folder_paths.folder_names_and_paths = {"imtalker": (["/elsewhere/imtalker"], set())}
         folder_paths.get_folder_paths = lambda key: folder_paths.folder_names_and_paths[key][0][:]
         folder_paths.get_output_directory = lambda: str(output_dir)
-        folder_paths.get_save_image_path = lambda prefix, out, w, h: (os.path.join(out, "sub"), "clip", 7, "sub", prefix)
+        folder_paths.get_save_image_path = lambda prefix, out, w, h: (os.path.join(out, "sub"), "clip", 7, "sub",
+                                                                      prefix)
         mm = types.ModuleType("comfy.model_management")
         mm.get_torch_device = lambda: torch.device("cpu")
         mm.unet_offload_device = lambda: torch.device("cpu")

@@ -114,7 +114,8 @@ def _cascade() -> cv2.CascadeClassifier:
             "install opencv-python-headless>=4.8,<5 (version 5 no longer ships it).")
     classifier = cv2.CascadeClassifier(path)
     if classifier.empty():
-        raise IMTalkerError(f"OpenCV could not load the Haar face cascade from {path}; reinstall opencv-python-headless<5.")
+        raise IMTalkerError(f"OpenCV could not load the Haar face cascade from {path}; "
+                            "reinstall opencv-python-headless<5.")
     return classifier
 
 

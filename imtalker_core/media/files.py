@@ -17,5 +17,6 @@ def existing_file(path: str | os.PathLike, kind: str) -> Path:
         raise InputError(f"{kind.capitalize()} file not found: '{path}'. Check the path and file name.")
     if not path.is_file():
         article = "an" if kind[0] in "aeiou" else "a"
-        raise InputError(f"'{path}' is not a file (it is a folder or a device); give the path of {article} {kind} file.")
+        raise InputError(f"'{path}' is not a file (it is a folder or a device); "
+                         f"give the path of {article} {kind} file.")
     return path
