@@ -283,6 +283,58 @@ def test_missing_faces_are_filled_and_reported(monkeypatch, caplog):
     assert "no face in 2 of 5 frames (1, 3)" in caplog.text
 
 
+class _ShiftedFace:
+    """A stand-in landmark model: frame t (uniform grey level 10·t) shows the generic head moved 2·t pixels to
+    the right; level 20 (frame 2) shows no face."""
+
+    base = np.zeros((68, 2))
+    base[list(lm.FACE_MODEL_INDICES)] = _project((0.1, -0.2, 0.0), (0, 0, 700), 64, 64, 1.5)
+
+    def landmarks(self, gray, detection_size):
+        t = int(gray[0, 0]) // 10
+        return None if t == 2 else self.base + np.array([2.0 * t, 0.0])
+
+
+def _grey_frames(levels) -> np.ndarray:
+    return np.stack([np.full((64, 64, 3), 10 * t, np.uint8) for t in levels])
+
+
+def test_landmarks_are_kept_on_request_with_gaps_filled(monkeypatch):
+    monkeypatch.setattr(lm, "_landmark_model", _ShiftedFace)
+    assert lm.estimate_pose_gaze(_grey_frames(range(5)), 25.0).landmarks is None  # the default keeps none
+    result = lm.estimate_pose_gaze(_grey_frames(range(5)), 25.0, keep_landmarks=True)
+    assert result.landmarks.shape == (5, 68, 2) and result.landmarks.dtype == torch.float32
+    assert result.detected.tolist() == [True, True, False, True, True]
+    shifts = np.array([0.0, 2.0, 4.0, 6.0, 8.0])  # frame 2 interpolated between frames 1 and 3
+    expected = _ShiftedFace.base[None] + np.stack([shifts, np.zeros(5)], axis=1)[:, None]
+    np.testing.assert_allclose(result.landmarks.numpy(), expected, atol=1e-4)
+
+
+def test_the_pushed_estimator_measures_repeated_frames_once(monkeypatch):
+    calls = []
+
+    class Counting(_ShiftedFace):
+        def landmarks(self, gray, detection_size):
+            calls.append(int(gray[0, 0]))
+            return super().landmarks(gray, detection_size)
+
+    monkeypatch.setattr(lm, "_landmark_model", Counting)
+    pushed = lm.PoseGazeEstimator(25.0, keep_landmarks=True)
+    for t, repeats in ((0, 2), (1, 1), (5, 0), (3, 3)):
+        pushed.add(_grey_frames([t])[0], repeats)
+    assert calls == [0, 10, 30] and pushed.frames == 6
+    result = pushed.result()
+    calls.clear()
+    whole = lm.estimate_pose_gaze(_grey_frames([0, 0, 1, 3, 3, 3]), 25.0, keep_landmarks=True)
+    assert len(calls) == 6
+    for name in ("pose", "gaze", "detected", "landmarks"):
+        assert torch.equal(getattr(result, name), getattr(whole, name)), name
+    with pytest.raises(InputError, match="repeats"):
+        pushed.add(_grey_frames([0])[0], -1)
+    with pytest.raises(InputError, match="no frames"):
+        lm.PoseGazeEstimator(25.0).result()
+
+
 # --------------------------------------------------------------------------------------------
 # End to end on the vendored driving video (needs the landmark package)
 # --------------------------------------------------------------------------------------------

@@ -279,7 +279,8 @@ def test_prepare_data_on_the_driving_video_and_resume(tmp_path, media_dir):
     renderer = _StandInMotionEncoder()
     out = tmp_path / "prepared"
 
-    report = data.prepare_clips(videos, out, renderer, encoder, frames="tensor")
+    # Sidecars only (the landmark pass is tested in tests/test_training_labels.py).
+    report = data.prepare_clips(videos, out, renderer, encoder, frames="tensor", labels="sidecar")
     assert report.prepared == ["sub__talk"] and list(report.rejected) == ["blank"]
     manifest = data.read_manifest(out)
     clip = manifest["clips"]["sub__talk"]
@@ -287,12 +288,14 @@ def test_prepare_data_on_the_driving_video_and_resume(tmp_path, media_dir):
     assert abs(clip["video_frames"] - clip["audio_frames"]) <= 1
     assert clip["frames"] == min(clip["video_frames"], clip["audio_frames"])
     assert clip["controls"] == ["pose"] and any("gaze" in p for p in clip["problems"])
+    assert clip["label_mode"] == "sidecar" and clip["labels"] == {"pose": "sidecar"} and clip["landmarks"] is False
     assert manifest["audio_dim"] == 32 and manifest["clips"]["blank"]["status"] == "rejected"
     from safetensors.torch import load_file
 
     tensors = load_file(out / clip["clip_file"])
     frames = clip["frames"]
     assert tensors["motion"].shape == (frames, 32) and tensors["audio"].shape == (frames, 32)
+    assert sorted(tensors) == ["audio", "motion", "pose"]
     assert torch.equal(tensors["pose"][:, 0], torch.arange(frames, dtype=torch.float32) * 3 / 300)
     crops = load_file(out / clip["frames_file"])["frames"]
     assert crops.shape == (frames, 64, 64, 3) and crops.dtype == torch.uint8
@@ -301,7 +304,7 @@ def test_prepare_data_on_the_driving_video_and_resume(tmp_path, media_dir):
     assert torch.allclose(tensors["motion"][:2], renderer.encode_motion(first), atol=1e-5)
 
     clip_mtime = (out / clip["clip_file"]).stat().st_mtime_ns
-    again = data.prepare_clips(videos, out, renderer, encoder, frames="tensor")
+    again = data.prepare_clips(videos, out, renderer, encoder, frames="tensor", labels="sidecar")
     assert again.prepared == [] and sorted(again.skipped) == ["blank", "sub__talk"]
     assert (out / clip["clip_file"]).stat().st_mtime_ns == clip_mtime
 

