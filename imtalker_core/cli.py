@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(v)
     v.add_argument("driving", type=Path, help="driving video")
     v.add_argument("--mute", action="store_true", help="do not copy the driving video's audio")
+    v.add_argument("--motion-mode", choices=["absolute", "relative"], default="absolute",
+                   help="absolute: the driver's expression as it is (the reference); relative: the portrait keeps "
+                        "its own resting expression and takes only the driver's changes from its first frame "
+                        "(for a driver who is another person)")
     v.add_argument("--crop-driving", action="store_true",
                    help="find the face in the driving video and crop one steady square around it "
                         "(default: the whole frame is resized, as the reference does)")
@@ -250,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
                 progress=bars, controls_fit=args.controls_fit)
         else:
             out = runner.video_to_video(models, args.image, args.driving, args.output, crop,
-                                        batch_size=args.batch_size, keep_audio=not args.mute, progress=bars)
+                                        batch_size=args.batch_size, keep_audio=not args.mute, progress=bars,
+                                        motion_mode=args.motion_mode)
     finally:
         bars.close()
     log.info("wrote %s", out)

@@ -29,6 +29,7 @@ from .media.audio import check_audio, load_audio, probe_audio, to_mono_16k
 from .media.face import CropBox, crop_box, crop_face, iter_paste_back, stable_video_box
 from .media.images import load_image, to_model_input
 from .media.video import VideoWriter, check_output_path, read_video, video_info
+from .motion_edit import relative_motion
 from .timing import frame_count
 from .pipeline import encode_identity, encode_motion, generate_motion, render_batches
 from .renderer import IMTRenderer
@@ -211,11 +212,19 @@ def audio_to_video(models: Models, image_path: str | os.PathLike, audio_path: st
     return Path(output_path)
 
 
+#: Video-driven motion: the driver's latents as they are (the reference), or relative to its first frame.
+MOTION_MODES = ("absolute", "relative")
+
+
 def video_to_video(models: Models, image_path: str | os.PathLike, video_path: str | os.PathLike,
                    output_path: str | os.PathLike, crop: CropSettings = CropSettings(), batch_size: int = 4,
                    keep_audio: bool = True, max_frames: int | None = None,
-                   progress: Progress | None = None) -> Path:
+                   progress: Progress | None = None, motion_mode: str = "absolute") -> Path:
     """Source portrait + driving video → reenacted MP4 at the driving video's frame rate.
+
+    motion_mode: "absolute" (the reference: the driver's latents as they are) or "relative" (the portrait's
+    own latent plus the driver's change from its first frame, `motion_edit.relative_motion`: the portrait
+    keeps its resting expression when the driver is another person).
 
     Driving frames are resized whole to the model size, as the reference does; with
     `crop.crop_driving` they are cropped with one stable box for the whole clip (median face box)
@@ -223,6 +232,8 @@ def video_to_video(models: Models, image_path: str | os.PathLike, video_path: st
     The settings and the output path are checked first, then the video's header and the portrait,
     before any model runs (`check_video_job` does all of it without models).
     """
+    if motion_mode not in MOTION_MODES:
+        raise InputError(f"motion mode {motion_mode!r}: use one of {', '.join(MOTION_MODES)}")
     output_path = _check_output(output_path, [image_path, video_path], crop, batch_size)
     size = models.renderer.cfg.image_size
     info = video_info(video_path)
@@ -257,6 +268,8 @@ def video_to_video(models: Models, image_path: str | os.PathLike, video_path: st
         raise InputError(f"'{Path(video_path).name}' has no decodable video frames")
     motion = torch.cat(motion_parts)
     identity = encode_identity(models.renderer, source)
+    if motion_mode == "relative":
+        motion = relative_motion(motion.float().cpu(), identity.motion).to(motion.device)
     with VideoWriter(output_path, info.fps, audio=audio) as writer:
         _render_into(writer, models.renderer, identity, motion, batch_size, crop, box, original, progress)
     return Path(output_path)

@@ -247,3 +247,30 @@ def test_control_files_are_fitted_to_the_speech():
     assert torch.equal(zero_gaze, torch.cat([gaze, torch.zeros(4, 2)]))
     args = cli.build_parser().parse_args(["audio", "a.png", "b.wav", "-o", "c.mp4", "--controls-fit", "trim_or_zero"])
     assert args.controls_fit == "trim_or_zero"
+
+
+def test_relative_motion_mode_starts_from_the_portraits_own_latent(tmp_path, standin_dir, media_dir, monkeypatch):
+    """`video --motion-mode relative`: portrait latent + (driver − driver's first frame), so the first frame
+    renders the portrait's own expression; absolute (the reference) renders the driver's latents as they are."""
+    models = runner.load_models(standin_dir, audio=False, download=False)
+    rendered = {}
+
+    def capture(writer, renderer, identity, motion, *rest):  # stands in for rendering
+        rendered["motion"], rendered["identity"] = motion.float().cpu(), identity.motion.float().cpu()
+        raise _StopAfterFirstBatch
+
+    monkeypatch.setattr(runner, "_render_into", capture)
+    for mode in ("absolute", "relative"):
+        with pytest.raises(_StopAfterFirstBatch):
+            runner.video_to_video(models, media_dir / "photo_512.png", media_dir / "driving_short.mp4",
+                                  tmp_path / f"{mode}.mp4", batch_size=2, max_frames=3, keep_audio=False,
+                                  motion_mode=mode)
+        rendered[mode] = rendered.pop("motion")
+    driver, portrait = rendered["absolute"], rendered["identity"].reshape(-1)
+    assert torch.allclose(rendered["relative"][0], portrait, atol=1e-6)
+    assert torch.allclose(rendered["relative"] - rendered["relative"][0], driver - driver[0], atol=1e-5)
+    with pytest.raises(InputError, match="motion mode"):
+        runner.video_to_video(models, media_dir / "photo_512.png", media_dir / "driving_short.mp4",
+                              tmp_path / "x.mp4", motion_mode="mirrored")
+    assert cli.build_parser().parse_args(["video", "a.png", "b.mp4", "-o", "c.mp4", "--motion-mode",
+                                          "relative"]).motion_mode == "relative"
