@@ -339,3 +339,153 @@ def test_train_generator_command_line(tmp_path):
     assert load_generator(tmp_path / "run" / "generator_ema.safetensors").cfg == _tiny_cfg()
     with pytest.raises(SystemExit):
         parser.parse_args(["train-generator", "d", "o", "--loss", "huber"])
+
+
+# --- the rendered preview ------------------------------------------------------------------------------------
+
+
+def _tiny_renderer_file(path):
+    """A random tiny renderer (128²) as `.safetensors` whose configuration rides in its metadata."""
+    from safetensors.torch import save_file
+
+    from imtalker_core.checkpoints import config_metadata
+    from imtalker_core.config import tiny_renderer_config
+    from imtalker_core.renderer import IMTRenderer
+
+    torch.manual_seed(0)
+    renderer = IMTRenderer(tiny_renderer_config())
+    save_file({k: v.contiguous() for k, v in renderer.state_dict().items()}, str(path),
+              metadata=config_metadata(renderer.cfg))
+    return path
+
+
+def _decode(path):
+    """Every frame of a video file as float32 `[T, H, W, 3]` in [0, 1]."""
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.float32) / 255
+
+
+def test_preview_video_renders_the_ema_motion_and_leaves_training_alone(tmp_path, media_dir, monkeypatch):
+    """`train-generator --preview-renderer … --preview-image … --preview-clip …` writes previews/step-*.mp4: the EMA
+    weights' motion for the clip's features and controls, rendered onto the cropped portrait; the losses, the
+    validation losses and the exported weights are exactly those of the same run without the video."""
+    from safetensors.torch import load_file
+
+    from imtalker_core import pipeline
+    from imtalker_core.checkpoints import load_renderer
+    from imtalker_core.cli import main
+    from imtalker_core.media.face import crop_face
+    from imtalker_core.media.images import load_image, to_model_input
+    from imtalker_core.media.video import write_video
+
+    _synthetic_data(tmp_path / "data")
+    renderer_file = _tiny_renderer_file(tmp_path / "renderer_tiny.safetensors")
+    portrait = media_dir / "statue_256.png"
+    calls = []
+    real_generate = pipeline.generate_motion
+
+    def spy(generator, features, reference, **options):
+        motion = real_generate(generator, features, reference, **options)
+        calls.append({"weights": {k: v.clone() for k, v in generator.state_dict().items()}, "features": features,
+                      "reference": reference.clone(), "options": options, "motion": motion})
+        return motion
+
+    monkeypatch.setattr(pipeline, "generate_motion", spy)
+    # Preview at step 2 (and a step after it, which a disturbed random state or weight would change).
+    settings = {"steps": 3, "preview_every": 2, "checkpoint_every": 2}
+    assert main(["train-generator", str(tmp_path / "data"), str(tmp_path / "run"), "--architecture", "tiny",
+                 "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--cpu", "--num-workers", "0", "--log-every",
+                 "1", "--checkpoint-every", "2", "--keep-checkpoints", "0", "--preview-every", "2",
+                 "--preview-renderer", str(renderer_file), "--preview-image", str(portrait),
+                 "--preview-clip", "clip1", "--preview-seconds", "0.4"]) == 0
+    train_generator(_config(tmp_path, output=str(tmp_path / "plain"), **settings))
+
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "previews").iterdir()) == ["step-00000002.mp4"]
+    video = _decode(run / "previews" / "step-00000002.mp4")
+    assert video.shape == (10, 128, 128, 3)  # 0.4 s at 25 fps, the tiny renderer's 128² frames
+
+    def records(folder):
+        return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+    with_video, without = records(run), records(tmp_path / "plain")
+    drop_time = lambda r: {k: v for k, v in r.items() if k not in ("time_s", "steps_per_s")}  # noqa: E731
+    assert [drop_time(r) for r in with_video] == [drop_time(r) for r in without]
+    assert any("preview/ema_train_windows_loss" in r for r in with_video)
+    for name in ("generator.safetensors", "generator_ema.safetensors"):
+        a, b = load_file(run / name), load_file(tmp_path / "plain" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    # The motion came from the EMA weights at step 2 (not the trained ones), clip1's first 10 frames of features
+    # and controls, and the portrait's own latent, as inference samples it (cfg 3, 10 steps, the run's seed).
+    assert len(calls) == 1
+    call = calls[0]
+    step2 = run / "checkpoints" / "step-00000002"
+    ema = load_file(step2 / "part-generator.ema.safetensors")
+    trained = {k.removeprefix("generator."): v for k, v in load_file(step2 / "part-generator.safetensors").items()}
+    assert all(torch.equal(call["weights"][k], v) for k, v in ema.items())
+    assert any(not torch.equal(trained[k], v) for k, v in ema.items())
+    clip = load_file(tmp_path / "data" / "clips" / "clip1.safetensors")
+    assert torch.equal(call["features"], clip["audio"][:10])
+    for name in ("pose", "cam", "gaze"):
+        assert torch.equal(call["options"][name], clip[name][:10]), name
+    assert (call["options"]["cfg_scale"], call["options"]["steps"], call["options"]["seed"]) == (3.0, 10, 0)
+    renderer = load_renderer(renderer_file)
+    face, _ = crop_face(load_image(portrait), 1.6, 128, on_no_face="center")
+    identity = pipeline.encode_identity(renderer, to_model_input(face, 128))
+    assert torch.allclose(call["reference"], identity.motion, atol=1e-6)
+    assert call["motion"].shape == (10, 32)
+    # ... and the video holds the renderer's frames of that motion (the same frames through the same encoder).
+    frames = pipeline.render_frames(renderer, identity, call["motion"]).permute(0, 2, 3, 1)
+    write_video(tmp_path / "by_hand.mp4", frames, fps=25)
+    assert np.abs(_decode(tmp_path / "by_hand.mp4") - video).max() <= 2 / 255
+
+
+def test_preview_settings_are_checked_before_training(tmp_path, media_dir):
+    from imtalker_core.cli import main
+    from imtalker_core.errors import InputError
+
+    _synthetic_data(tmp_path / "data")
+    with pytest.raises(InputError, match=r"needs a portrait.*--preview-image"):
+        _config(tmp_path, preview_renderer="models/imtalker/renderer.ckpt")
+    with pytest.raises(InputError, match=r"preview_image only matter.*--preview-renderer"):
+        _config(tmp_path, preview_image=str(media_dir / "statue_256.png"))
+    with pytest.raises(InputError, match="preview_seconds must be positive"):
+        _config(tmp_path, preview_seconds=0.0)
+    # The command line says so too (exit status 2) and starts nothing.
+    assert main(["train-generator", str(tmp_path / "data"), str(tmp_path / "run"), "--architecture", "tiny",
+                 "--cpu", "--preview-renderer", str(tmp_path / "renderer.safetensors")]) == 2
+    renderer_file = _tiny_renderer_file(tmp_path / "renderer.safetensors")
+    preview = {"preview_every": 1, "preview_renderer": str(renderer_file),
+               "preview_image": str(media_dir / "statue_256.png")}
+    with pytest.raises(InputError, match=r"preview clip 'nope' is not in .*clip0, clip1, clip2"):
+        train_generator(_config(tmp_path, preview_clip="nope", **preview))
+    with pytest.raises(InputError, match="Renderer file not found"):
+        train_generator(_config(tmp_path, **{**preview, "preview_renderer": str(tmp_path / "missing.ckpt")}))
+    with pytest.raises(InputError, match="Image file not found"):
+        train_generator(_config(tmp_path, **{**preview, "preview_image": str(tmp_path / "missing.png")}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_preview_renderer_that_does_not_load_turns_the_videos_off_not_the_training(tmp_path, media_dir, caplog):
+    import logging
+
+    from safetensors.torch import save_file
+
+    from imtalker_core.checkpoints import config_metadata
+    from imtalker_core.config import tiny_renderer_config
+
+    _synthetic_data(tmp_path / "data")
+    broken = tmp_path / "not_a_renderer.safetensors"  # a tiny renderer's configuration, none of its weights
+    save_file({"x": torch.zeros(1)}, str(broken), metadata=config_metadata(tiny_renderer_config()))
+    with caplog.at_level(logging.ERROR, logger="imtalker_core.training.generator_train"):
+        result = train_generator(_config(tmp_path, steps=2, preview_every=1, checkpoint_every=0,
+                                         preview_renderer=str(broken), preview_image=str(media_dir / "statue_256.png")))
+    assert result["steps"] == 2 and result["exports"]["ema"].is_file()
+    failures = [r for r in caplog.records if "preview video failed" in r.getMessage()]
+    assert len(failures) == 1 and str(broken) in failures[0].getMessage()  # reported once, then off
+    assert not list((tmp_path / "run").glob("previews/*.mp4"))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "preview/ema_train_windows_loss" in r] == [1, 2]  # the losses go on

@@ -20,10 +20,11 @@ about 1e-4]; gradients are clipped at 1 [it declares max_grad_norm=1 but never p
 clip may lack pose/cam/gaze [it skips such clips]. `clip_grad_norm=0` turns clipping off.
 
 A run folder holds `config.json`, `log.jsonl` (one JSON line per log step), `checkpoints/step-*/`
-(see `engine`), and at the end `generator.safetensors` (trained weights) and `generator_ema.safetensors`
-(EMA weights), bare state dicts that `load_generator(path)` loads strictly (pass `cfg=` for the tiny
-architecture). When the starting file carries wav2vec2 weights (official `generator.ckpt`), both exports
-keep them under `audio_encoder.wav2vec2.*`, so inference uses the audio encoder the data was prepared with.
+(see `engine`), `previews/step-*.mp4` when a preview renderer is given (`PreviewVideo`), and at the end
+`generator.safetensors` (trained weights) and `generator_ema.safetensors` (EMA weights), bare state dicts
+that `load_generator(path)` loads strictly (pass `cfg=` for the tiny architecture). When the starting file
+carries wav2vec2 weights (official `generator.ckpt`), both exports keep them under `audio_encoder.wav2vec2.*`,
+so inference uses the audio encoder the data was prepared with.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GeneratorConfig, tiny_generator_config
-from ..errors import InputError
+from ..errors import IMTalkerError, InputError
 from ..generator import MotionGenerator
 from . import engine
 from .data import LABEL_MODES, GeneratorWindows, clip_ids, iterate_windows, read_manifest
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 LOSSES = ("l1", "mse")
 ARCHITECTURES = ("official", "tiny")
 CONTROL_NAMES = ("pose", "cam", "gaze")
+# The preview video samples as inference does by default (`pipeline.generate_motion`, the node's defaults).
+PREVIEW_CFG_SCALE = 3.0
+PREVIEW_SAMPLING_STEPS = 10
+PREVIEW_RENDER_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,10 @@ class GeneratorTrainConfig:
     `output/checkpoints` when there is one (False refuses a folder that has checkpoints).
     val_clips: the last N prepared clips (sorted by id) are held out and the EMA's validation loss is logged
     every `preview_every` steps (0 clips: the loss on fixed training windows is logged instead).
+    preview_renderer: a renderer file (`renderer.ckpt`, or a `.safetensors` that records its configuration);
+    with it, every `preview_every` steps the EMA weights also sample motion for the first `preview_seconds`
+    of the prepared clip `preview_clip` (None: the first validation clip, else the first training clip),
+    rendered onto the portrait `preview_image` into `previews/step-XXXXXXXX.mp4` (see `PreviewVideo`).
     """
 
     data: str
@@ -97,6 +106,10 @@ class GeneratorTrainConfig:
     preview_windows: int = 32
     val_clips: int = 0
     resume: bool = True
+    preview_renderer: str | None = None
+    preview_image: str | None = None
+    preview_clip: str | None = None
+    preview_seconds: float = 4.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -113,6 +126,17 @@ class GeneratorTrainConfig:
             raise InputError(f"lr must be positive, got {self.lr}")
         if self.val_clips < 0:
             raise InputError(f"val_clips cannot be negative, got {self.val_clips}")
+        if self.preview_renderer and not self.preview_image:
+            raise InputError(f"preview_renderer={self.preview_renderer!r} needs a portrait to animate: give "
+                             "preview_image (--preview-image FILE), or leave the preview renderer out")
+        if not self.preview_renderer:
+            unused = [name for name in ("preview_image", "preview_clip") if getattr(self, name)]
+            if unused:
+                raise InputError(f"{' and '.join(unused)} only matter for the rendered preview: give "
+                                 "preview_renderer (--preview-renderer FILE, e.g. models/imtalker/renderer.ckpt) "
+                                 "too, or leave them out")
+        if not self.preview_seconds > 0:
+            raise InputError(f"preview_seconds must be positive, got {self.preview_seconds}")
 
 
 def _keep_mask(batch: int, p: float, device: torch.device, rng: torch.Generator | None) -> torch.Tensor:
@@ -246,6 +270,7 @@ def train_generator(config: GeneratorTrainConfig) -> dict[str, Any]:
         raise InputError(f"the data's motion latents are {manifest.get('motion_dim')} wide, the generator's "
                          f"{gcfg.motion_dim}")
     train_ids, val_ids = _split_clips(config, gcfg.window_frames + gcfg.context_frames)
+    video = _preview_video(config, manifest, val_ids or train_ids, accelerator.device, gcfg.fps)
     dataset = GeneratorWindows(config.data, gcfg.window_frames, gcfg.context_frames, clips=train_ids)
     objective = FlowMatchingObjective(generator, config.loss, config.velocity_weight, config.condition_dropout,
                                       config.context_dropout)
@@ -270,7 +295,8 @@ def train_generator(config: GeneratorTrainConfig) -> dict[str, Any]:
         norm = engine.optimize(accelerator, part, terms["loss"])
         return {**terms, **({"grad_norm": norm} if norm is not None else {})}
 
-    preview = _validation(accelerator, part, config, val_ids or train_ids) if config.preview_every else None
+    preview = (_validation(accelerator, part, config, val_ids or train_ids, video) if config.preview_every
+               else None)
     batches = engine.step_batches(dataset, config.batch_size, config.seed, accelerator,
                                   num_workers=config.num_workers)
     steps = engine.train_loop(accelerator, [part], step_fn, batches, config.steps, start_step=start,
@@ -293,8 +319,10 @@ def train_generator(config: GeneratorTrainConfig) -> dict[str, Any]:
     return {"steps": steps, "exports": exports, "checkpoint": engine.latest_checkpoint(checkpoints)}
 
 
-def _validation(accelerator, part: engine.Part, config: GeneratorTrainConfig, clips: list[str]):
-    """preview_fn: the EMA weights' loss (no dropout, fixed noise) on fixed windows of `clips`."""
+def _validation(accelerator, part: engine.Part, config: GeneratorTrainConfig, clips: list[str],
+                video: PreviewVideo | None = None):
+    """preview_fn: the EMA weights' loss (no dropout, fixed noise) on fixed windows of `clips`, then the
+    rendered preview `video` (when given) with the same EMA weights."""
     trained = engine.unwrap(part.model).generator
     cfg = trained.cfg
     windows = GeneratorWindows(config.data, cfg.window_frames, cfg.context_frames, clips=clips)
@@ -308,9 +336,114 @@ def _validation(accelerator, part: engine.Part, config: GeneratorTrainConfig, cl
         terms = generator_loss(shadow, batch, loss=config.loss, velocity_weight=config.velocity_weight,
                                condition_dropout=0.0, context_dropout=0.0, rng=rng)
         name = "val" if config.val_clips else "train_windows"
+        if video is not None and not video.failed:
+            video(shadow, Path(config.output) / "previews" / f"step-{step:08d}.mp4")
         return {f"ema_{name}_{k}": v.item() for k, v in terms.items()}
 
     return preview
+
+
+class PreviewVideo:
+    """The rendered preview: the EMA generator's motion for one prepared clip, rendered onto a portrait.
+
+    `video(generator, path)` samples motion with `generator` (the EMA copy) for the clip's first `frames`
+    frames of stored audio features (and its pose/cam/gaze where the clip has them) as inference does
+    (`pipeline.generate_motion`: cfg 3, 10 Euler steps, CPU noise seeded with `seed`, so every preview of a
+    run starts from the same noise), renders it (`pipeline.render_batches`) and writes `path`, an MP4 at the
+    generator's 25 fps without sound: a prepared folder keeps the wav2vec2 features, not the waveform.
+
+    The portrait and the clip's features are read when this is built, so a bad file stops the run before
+    its first step; the renderer is loaded at the first call (on `device`, float32, eval, never trained) and
+    the portrait, cut around its face as `prepare-data` cuts the clips (`crop_scale`; the centred square when
+    no face is found), is encoded once (`pipeline.encode_identity`). A preview that fails (a renderer file
+    that does not load, one whose latents are not the generator's width, a full disk) is logged and
+    turns the videos off for the rest of the run (`failed`); training goes on.
+    Called on the main process only, under the engine's forked random states and `torch.no_grad`.
+    """
+
+    def __init__(self, renderer_path: str | os.PathLike, image_path: str | os.PathLike,
+                 clip_file: str | os.PathLike, frames: int, device: torch.device | str, seed: int = 0,
+                 crop_scale: float = 1.6):
+        from safetensors import safe_open
+
+        from ..checkpoints import config_from_file
+        from ..media.files import existing_file
+        from ..media.images import load_image
+
+        self.renderer_path = existing_file(renderer_path, "renderer")
+        # Reads only the header: a damaged configuration record is reported now, not at the first preview.
+        config_from_file(self.renderer_path, "renderer")
+        self.image_name = Path(image_path).name
+        self.portrait = load_image(image_path)  # [H, W, 3] float32 in [0, 1]
+        with safe_open(os.fspath(clip_file), "pt") as f:
+            names = set(f.keys())
+            self.audio = f.get_slice("audio")[:frames].float()  # [frames, D]
+            self.controls = {name: f.get_slice(name)[:frames].float() for name in CONTROL_NAMES if name in names}
+        self.frames, self.device = self.audio.shape[0], torch.device(device)
+        self.seed, self.crop_scale = seed, crop_scale
+        self.renderer = None
+        self.identity = None
+        self.failed = False
+
+    def _load(self, motion_dim: int) -> None:
+        from ..checkpoints import load_renderer
+        from ..media.face import crop_face
+        from ..media.images import to_model_input
+        from ..pipeline import encode_identity
+
+        renderer = load_renderer(self.renderer_path, self.device, torch.float32)
+        if renderer.cfg.latent_dim != motion_dim:
+            raise InputError(f"{self.renderer_path}: its motion latents are {renderer.cfg.latent_dim} wide, the "
+                             f"generator's {motion_dim}; give the renderer the data was prepared with")
+        size = renderer.cfg.image_size
+        face, _ = crop_face(self.portrait, self.crop_scale, size, on_no_face="center", name=self.image_name)
+        self.identity = encode_identity(renderer, to_model_input(face, size))
+        self.renderer = renderer
+        self.portrait = None  # the identity is all the renderer needs from now on
+        log.info("preview renderer %s loaded on %s (%d² frames)", self.renderer_path, self.device, size)
+
+    def __call__(self, generator: MotionGenerator, path: Path) -> Path | None:
+        """Write the preview of `generator`'s motion to `path`; returns it (None when the preview failed)."""
+        from ..media.video import write_video
+        from ..pipeline import generate_motion, render_batches
+
+        try:
+            if self.renderer is None:
+                self._load(generator.cfg.motion_dim)
+            motion = generate_motion(generator, self.audio.to(self.device), self.identity.motion,
+                                     **self.controls, cfg_scale=PREVIEW_CFG_SCALE, steps=PREVIEW_SAMPLING_STEPS,
+                                     seed=self.seed)  # [frames, motion_dim]
+            # render_batches yields [b, 3, S, S] on the CPU; the writer takes [b, S, S, 3].
+            batches = (b.permute(0, 2, 3, 1) for b in render_batches(self.renderer, self.identity, motion,
+                                                                      PREVIEW_RENDER_BATCH))
+            written = write_video(path, batches, fps=generator.cfg.fps)
+        except (IMTalkerError, OSError) as err:
+            self.failed = True
+            log.error("the preview video failed (%s); no more preview videos this run, training goes on", err)
+            return None
+        log.info("preview video: %s (%d frames)", written, self.frames)
+        return written
+
+
+def _preview_video(config: GeneratorTrainConfig, manifest: dict[str, Any], clips: list[str],
+                   device: torch.device, fps: float) -> PreviewVideo | None:
+    """The run's `PreviewVideo`, or None without a preview renderer. Built on every process so that every
+    process stops on the same bad setting; only the main process renders."""
+    if not config.preview_renderer:
+        return None
+    if not config.preview_every:
+        log.warning("preview_renderer is set but preview_every is 0: no preview video will be rendered")
+        return None
+    cid = config.preview_clip or clips[0]
+    entry = manifest["clips"].get(cid)
+    if entry is None or entry.get("status") != "ok":
+        usable = sorted(c for c, e in manifest["clips"].items() if e.get("status") == "ok")
+        state = "is not in" if entry is None else "was rejected in"
+        raise InputError(f"preview clip {cid!r} {state} {Path(config.data) / 'manifest.json'}; give one of "
+                         f"{', '.join(usable[:5])}{' …' if len(usable) > 5 else ''}")
+    frames = min(int(entry["frames"]), max(1, round(config.preview_seconds * fps)))
+    return PreviewVideo(config.preview_renderer, config.preview_image, Path(config.data) / entry["clip_file"],
+                        frames, device, seed=config.seed, crop_scale=manifest.get("crop_scale") or 1.6)
 
 
 # --- command line ----------------------------------------------------------------------------------------------
@@ -376,7 +509,16 @@ def register(subparsers) -> None:
     t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     t.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     t.add_argument("--preview-every", type=int, default=d.preview_every,
-                   help="steps between EMA validation losses (0: never)")
+                   help="steps between EMA validation losses and preview videos (0: never)")
+    t.add_argument("--preview-renderer", type=Path, default=None,
+                   help="renderer file (e.g. models/imtalker/renderer.ckpt): also render the EMA generator's "
+                        "motion into previews/step-*.mp4 (needs --preview-image)")
+    t.add_argument("--preview-image", type=Path, default=None, help="portrait the preview videos animate")
+    t.add_argument("--preview-clip", default=None,
+                   help="prepared clip id whose audio features drive the preview (default: the first validation "
+                        "clip, else the first training clip)")
+    t.add_argument("--preview-seconds", type=float, default=d.preview_seconds,
+                   help="length of the preview videos (at most the clip's)")
     t.add_argument("--val-clips", type=int, default=d.val_clips, help="hold out the last N clips for validation")
     t.add_argument("--no-resume", action="store_true", help="refuse to continue a run folder that has checkpoints")
     t.add_argument("-v", "--verbose", action="store_true")
@@ -432,7 +574,10 @@ def main_train_generator(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision, cpu=args.cpu, seed=args.seed, num_workers=args.num_workers,
         gradient_accumulation_steps=args.gradient_accumulation_steps, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-        preview_every=args.preview_every, val_clips=args.val_clips, resume=not args.no_resume)
+        preview_every=args.preview_every, val_clips=args.val_clips, resume=not args.no_resume,
+        preview_renderer=os.fspath(args.preview_renderer) if args.preview_renderer else None,
+        preview_image=os.fspath(args.preview_image) if args.preview_image else None,
+        preview_clip=args.preview_clip, preview_seconds=args.preview_seconds)
     result = train_generator(config)
     for kind, path in result["exports"].items():
         log.info("%s weights: %s", kind, path)
