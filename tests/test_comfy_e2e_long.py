@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -351,7 +350,6 @@ def test_works_beside_videohelpersuite(server, tmp_path):
 
 def test_server_memory_reader_sees_growth(server):
     """The RSS probe the memory tests rely on does move: a 256 MiB allocation in a child shows in its VmHWM."""
-    done = threading.Event()
     child = subprocess.Popen(["python3", "-c", "import time; b = bytearray(256 << 20); time.sleep(30)"])
     try:
         deadline = time.time() + 20
@@ -360,4 +358,3 @@ def test_server_memory_reader_sees_growth(server):
         assert memory_kib(child.pid)["VmHWM"] >= 200 << 10
     finally:
         child.kill()
-        done.set()
