@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -169,7 +170,7 @@ def _missing_model_message(what: str, name: str) -> str:
     return f"IMTalker {what} '{name}' was not found in the model folders ({searched}). {OFFICIAL_FILES_HELP}"
 
 
-def _inside(root: str, name: str) -> str | None:
+def inside_folder(root: str, name: str) -> str | None:
     """`root/name` if it stays inside `root` (names come from the prompt and may be edited)."""
     root = os.path.abspath(root)
     path = os.path.abspath(os.path.join(root, name))
@@ -179,7 +180,7 @@ def _inside(root: str, name: str) -> str | None:
 def find_checkpoint(name: str) -> str:
     """Full path of checkpoint `name` (as listed by `list_checkpoints`); FileNotFoundError if absent."""
     for root in model_folders():
-        path = _inside(root, name)
+        path = inside_folder(root, name)
         if path is not None and os.path.isfile(path):
             return path
     raise FileNotFoundError(_missing_model_message("model file", name))
@@ -188,7 +189,7 @@ def find_checkpoint(name: str) -> str:
 def find_wav2vec2_folder(name: str) -> str:
     """Full path of wav2vec2 folder `name`; FileNotFoundError if absent or lacking config.json."""
     for root in model_folders():
-        path = _inside(root, name)
+        path = inside_folder(root, name)
         if path is not None and os.path.isfile(os.path.join(path, WAV2VEC2_MARKER)):
             return path
     raise FileNotFoundError(_missing_model_message("wav2vec2 folder", name))
@@ -401,13 +402,9 @@ def _is_video_file(name: str) -> bool:
     return bool(mime and mime.startswith("video/"))
 
 
-def list_input_videos() -> list[str]:
-    """Video files in the input folder and in its sub-folders one level down ('sub/name.mp4'), sorted.
-
-    Like core Load Video's list (by file type), plus one level of sub-folders so that e.g.
-    `imtalker_examples/driving_short.mp4` is offered. Empty when there is no input folder.
-    """
-    root = video_input_folder()
+def list_files(root: str | None, accept: Callable[[str], bool]) -> list[str]:
+    """Files of `root` whose names `accept` takes, and those of its sub-folders one level down ('sub/name'),
+    sorted; hidden entries skipped. Empty when `root` is None or no folder."""
     if root is None or not os.path.isdir(root):
         return []
     names = []
@@ -416,15 +413,52 @@ def list_input_videos() -> list[str]:
     except OSError:
         return []
     for entry in entries:
+        if entry.name.startswith("."):
+            continue
         try:
-            if entry.is_file() and _is_video_file(entry.name):
+            if entry.is_file() and accept(entry.name):
                 names.append(entry.name)
-            elif entry.is_dir() and not entry.name.startswith("."):
+            elif entry.is_dir():
                 names.extend(f"{entry.name}/{sub.name}" for sub in os.scandir(entry.path)
-                             if sub.is_file() and _is_video_file(sub.name))
+                             if sub.is_file() and not sub.name.startswith(".") and accept(sub.name))
         except OSError:  # an unreadable sub-folder does not hide the rest
             continue
     return sorted(names)
+
+
+def list_input_videos() -> list[str]:
+    """Video files in the input folder and in its sub-folders one level down ('sub/name.mp4'), sorted.
+
+    Like core Load Video's list (by file type), plus one level of sub-folders so that e.g.
+    `imtalker_examples/driving_short.mp4` is offered. Empty when there is no input folder.
+    """
+    return list_files(video_input_folder(), _is_video_file)
+
+
+def given_path(path: str, name: str, error: type[Exception] = InputError) -> str | None:
+    """The file a node's path widget names: None when it is empty; else absolute, or relative to the input
+    folder. `error` naming the widget `name` when it is not a file."""
+    given = (path or "").strip().strip('"')
+    if not given:
+        return None
+    given = os.path.expanduser(given)
+    if not os.path.isabs(given):
+        folder = video_input_folder()
+        given = os.path.join(folder, given) if folder else os.path.abspath(given)
+    if not os.path.isfile(given):
+        raise error(f"{name} '{path}' is not a file")
+    return given
+
+
+def file_state(resolve: Callable[[], str]) -> str | float:
+    """IS_CHANGED of a node that reads a file: its path, modification time and size, so an edited or replaced
+    file runs the node again; NaN (never equal: run again, and report the problem) when `resolve` fails."""
+    try:
+        path = resolve()
+        stat = os.stat(path)
+    except (InputError, OSError):
+        return float("nan")
+    return f"{path}|{stat.st_mtime_ns}|{stat.st_size}"
 
 
 def input_path(name: str) -> str:
@@ -444,7 +478,7 @@ def input_path(name: str) -> str:
     if not base:
         raise FileNotFoundError(f"no input folder to find '{name}' in: set ${INPUT_ENV} outside ComfyUI, "
                                 "or give the video's full path")
-    path = _inside(base, bare) if bare else None
+    path = inside_folder(base, bare) if bare else None
     if path is None or not os.path.isfile(path):
         raise FileNotFoundError(f"the video '{name}' is not a file in the input folder {base}; upload it or "
                                 "choose another one (press R to refresh the list)")

@@ -210,45 +210,23 @@ def _is_control_file(name: str) -> bool:
 
 def list_control_files() -> list[str]:
     """Control files (by suffix) in the input folder and one level of its sub-folders ('sub/name.csv')."""
-    root = bridge.video_input_folder()
-    if root is None or not os.path.isdir(root):
-        return []
-    names = []
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return []
-    for entry in entries:
-        try:
-            if entry.is_file() and _is_control_file(entry.name):
-                names.append(entry.name)
-            elif entry.is_dir() and not entry.name.startswith("."):
-                names.extend(f"{entry.name}/{sub.name}" for sub in os.scandir(entry.path)
-                             if sub.is_file() and _is_control_file(sub.name))
-        except OSError:  # an unreadable sub-folder does not hide the rest
-            continue
-    return sorted(names)
+    return bridge.list_files(bridge.video_input_folder(), _is_control_file)
 
 
 def resolve_control_file(file: str, path: str) -> str:
     """The file to read: `path` when given (absolute, or relative to the input folder), else input-folder
     file `file`. InputError when there is none."""
-    given = (path or "").strip().strip('"')
-    folder = bridge.video_input_folder()
-    if given:
-        given = os.path.expanduser(given)
-        if not os.path.isabs(given):
-            given = os.path.join(folder, given) if folder else os.path.abspath(given)
-        if not os.path.isfile(given):
-            raise InputError(f"controls path '{path}' is not a file")
+    given = bridge.given_path(path, "controls path")
+    if given is not None:
         return given
+    folder = bridge.video_input_folder()
     if not file:
         raise InputError("choose a controls file from the input folder, or give its path")
     if not folder:
         raise InputError(f"no input folder to find '{file}' in: give the file's full path as 'path'")
     root = os.path.abspath(folder)
-    full = os.path.abspath(os.path.join(root, file))
-    if os.path.commonpath((root, full)) != root or not os.path.isfile(full):
+    full = bridge.inside_folder(root, file)
+    if full is None or not os.path.isfile(full):
         raise InputError(f"the controls file '{file}' is not in the input folder {root}; put it there (press R to "
                          "refresh the list) or give its path")
     return full
@@ -300,12 +278,7 @@ class IMTalkerLoadControls:
 
     @classmethod
     def IS_CHANGED(cls, file: str = "", path: str = "", **_):
-        try:
-            full = resolve_control_file(file, path)
-            stat = os.stat(full)
-        except (InputError, OSError):
-            return float("nan")  # never equal: re-run (and report the problem)
-        return f"{full}|{stat.st_mtime_ns}|{stat.st_size}"
+        return bridge.file_state(lambda: resolve_control_file(file, path))
 
     def load(self, file: str = "", path: str = "", columns: str = "auto", fps: float = float(FPS)):
         if columns != "auto" and columns not in PART_CHOICES:

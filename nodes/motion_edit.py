@@ -387,25 +387,7 @@ class IMTalkerSaveMotion:
 
 def _motion_files(root: str | None) -> list[str]:
     """`.safetensors` files in `root` and in its sub-folders one level down ('sub/name'), sorted."""
-    if not root or not os.path.isdir(root):
-        return []
-    names = []
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return []
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        try:
-            if entry.is_file() and entry.name.lower().endswith(edit.MOTION_SUFFIX):
-                names.append(entry.name)
-            elif entry.is_dir():
-                names.extend(f"{entry.name}/{sub.name}" for sub in os.scandir(entry.path)
-                             if sub.is_file() and sub.name.lower().endswith(edit.MOTION_SUFFIX))
-        except OSError:  # an unreadable sub-folder does not hide the rest
-            continue
-    return sorted(names)
+    return bridge.list_files(root or None, lambda name: name.lower().endswith(edit.MOTION_SUFFIX))
 
 
 def list_motion_files() -> list[str]:
@@ -414,25 +396,12 @@ def list_motion_files() -> list[str]:
             + [name + OUTPUT_TAG for name in _motion_files(bridge.output_directory())])
 
 
-def _inside(root: str, name: str) -> str | None:
-    """`root/name` if it stays inside `root` (names come from the prompt and may be edited)."""
-    root = os.path.abspath(root)
-    path = os.path.abspath(os.path.join(root, name))
-    return path if os.path.commonpath((root, path)) == root else None
-
-
 def resolve_motion_file(motion_file: str, motion_path: str = "") -> str:
     """The motion file to read: `motion_path` when given (absolute, or relative to the input folder),
     else `motion_file` from the list (input folder, or output folder with ' [output]'). `InputError`
     when there is none."""
-    path = (motion_path or "").strip().strip('"')
-    if path:
-        path = os.path.expanduser(path)
-        if not os.path.isabs(path):
-            folder = bridge.video_input_folder()
-            path = os.path.join(folder, path) if folder else os.path.abspath(path)
-        if not os.path.isfile(path):
-            raise InputError(f"motion_path '{motion_path}' is not a file")
+    path = bridge.given_path(motion_path, "motion_path")
+    if path is not None:
         return path
     if not motion_file:
         raise InputError("choose a motion file (saved by IMTalker Save Motion) or give motion_path")
@@ -444,7 +413,7 @@ def resolve_motion_file(motion_file: str, motion_path: str = "") -> str:
     if not root:
         raise InputError(f"no input folder to find '{motion_file}' in: set ${bridge.INPUT_ENV} outside ComfyUI, "
                          "or give motion_path")
-    path = _inside(root, name)
+    path = bridge.inside_folder(root, name)
     if path is None or not os.path.isfile(path):
         raise InputError(f"the motion file '{motion_file}' is not a file in the {where} folder {root}; choose "
                          "another one (press R to refresh the list)")
@@ -486,12 +455,7 @@ class IMTalkerLoadMotion:
 
     @classmethod
     def IS_CHANGED(cls, motion_file: str = "", motion_path: str = "", **_):
-        try:
-            path = resolve_motion_file(motion_file, motion_path)
-            stat = os.stat(path)
-        except (InputError, OSError):
-            return float("nan")  # never equal: re-run (and report the problem)
-        return f"{path}|{stat.st_mtime_ns}|{stat.st_size}"
+        return bridge.file_state(lambda: resolve_motion_file(motion_file, motion_path))
 
     def load(self, motion_file: str = "", motion_path: str = ""):
         latents, fps = edit.load_motion(resolve_motion_file(motion_file, motion_path), latent_dim=LATENT_DIM)

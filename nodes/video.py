@@ -289,14 +289,8 @@ class MotionBatches:
 def resolve_video(video: str, video_path: str) -> str:
     """The file to read: `video_path` when given (absolute, or relative to the input folder), else
     input-folder file `video`. FileNotFoundError / InputError when there is none."""
-    path = (video_path or "").strip().strip('"')
-    if path:
-        path = os.path.expanduser(path)
-        if not os.path.isabs(path):
-            folder = bridge.video_input_folder()
-            path = os.path.join(folder, path) if folder else os.path.abspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"video_path '{video_path}' is not a file")
+    path = bridge.given_path(video_path, "video_path", FileNotFoundError)
+    if path is not None:
         return path
     if not video:
         raise InputError("choose a driving video from the input folder (or upload one), or give video_path")
@@ -417,12 +411,7 @@ class IMTalkerVideoToMotion:
 
     @classmethod
     def IS_CHANGED(cls, video: str = "", video_path: str = "", **_):
-        try:
-            path = resolve_video(video, video_path)
-            stat = os.stat(path)
-        except (InputError, OSError):
-            return float("nan")  # never equal: re-run (and report the problem)
-        return f"{path}|{stat.st_mtime_ns}|{stat.st_size}"
+        return bridge.file_state(lambda: resolve_video(video, video_path))
 
     def encode(self, renderer: ManagedModel, video: str = "", video_path: str = "", crop: str = "face",
                scale: float = 1.6, batch_size: int = 0, on_bad_frame: str = "hold", max_frames: int = 0):
