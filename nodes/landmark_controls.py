@@ -186,6 +186,10 @@ class IMTalkerPoseGazeFromVideoFile(IMTalkerPoseGazeFromVideo):
             return str(err)
         return super().VALIDATE_INPUTS(parts=parts)
 
+    @classmethod
+    def IS_CHANGED(cls, video: str = "", video_path: str = "", **_):
+        return bridge.file_state(lambda: resolve_video(video, video_path))
+
     def measure_file(self, video: str = "", video_path: str = "", parts: str = "pose+gaze",
                      smoothing: str = "gaussian", neutral: str = "none", smoothing_seconds: float = 0.06,
                      pose_scale: float = 1.0, pitch_offset: float = 0.0, yaw_offset: float = 0.0,

@@ -444,3 +444,20 @@ def test_node_inputs_have_tooltips_and_validation_names_the_install(node_module,
     monkeypatch.setattr(node_module.landmarks, "landmarks_available", lambda: False)
     assert lm.INSTALL_HINT in cls.VALIDATE_INPUTS(parts="pose")
     assert "parts" in cls.VALIDATE_INPUTS(parts="cam")
+
+
+def test_pose_gaze_file_node_runs_again_when_its_file_changes(tmp_path, monkeypatch):
+    """Like Video To Motion, the file node's IS_CHANGED follows the file (path, time, size), so ComfyUI does not
+    reuse a measurement of a file that has since been replaced."""
+    from tests.test_nodes import load_pack
+
+    pack = load_pack()
+    node = pack.NODE_CLASS_MAPPINGS["IMTalkerPoseGazeFromVideoFile"]
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"1")
+    monkeypatch.setenv("IMTALKER_INPUT_DIR", str(tmp_path))
+    first = node.IS_CHANGED(video="clip.mp4")
+    video.write_bytes(b"22")
+    assert node.IS_CHANGED(video="clip.mp4") != first
+    missing = node.IS_CHANGED(video="missing.mp4")
+    assert missing != missing  # NaN: never equal, so ComfyUI runs the node and it reports the problem
