@@ -165,6 +165,15 @@ def check_video_job(image_path, video_path, output_path, crop: CropSettings = Cr
     return output
 
 
+def _read_speech(audio_path, fps: int) -> tuple[np.ndarray, int, np.ndarray, int]:
+    """The clip as recorded `(waveform, rate)` (what the MP4 carries), its 16 kHz mono copy (what wav2vec2
+    hears; checked) and its number of video frames."""
+    waveform, rate = load_audio(audio_path)
+    wave16 = to_mono_16k(waveform, rate)
+    check_audio(wave16, name=Path(audio_path).name)
+    return waveform, rate, wave16, frame_count(len(wave16), fps)
+
+
 def _prepare_source(image_path, crop: CropSettings, size: int) -> tuple[torch.Tensor, np.ndarray, CropBox | None]:
     image = load_image(image_path)
     if not crop.crop:
@@ -193,10 +202,8 @@ def audio_to_video(models: Models, image_path: str | os.PathLike, audio_path: st
     output_path = _check_output(output_path, [image_path, audio_path], crop, batch_size)
     fps = int(models.generator.cfg.fps)
     size = models.renderer.cfg.image_size
-    waveform, rate = load_audio(audio_path)
-    wave16 = to_mono_16k(waveform, rate)
-    check_audio(wave16, name=Path(audio_path).name)
-    pose, cam, gaze = fit_controls(pose, cam, gaze, frame_count(len(wave16), fps), controls_fit)
+    waveform, rate, wave16, frames = _read_speech(audio_path, fps)
+    pose, cam, gaze = fit_controls(pose, cam, gaze, frames, controls_fit)
     source, original, box = _prepare_source(image_path, crop, size)
     with VideoWriter(output_path, fps, audio=(waveform, rate)) as writer:
         device = next(models.audio_encoder.parameters()).device
@@ -313,6 +320,16 @@ def check_stream_job(image_path, audio_path, output, crop: CropSettings = CropSe
                      control_paths: tuple = ()) -> None:
     """`check_audio_job` for `audio_to_stream`: `output` is a file path (a fragmented MP4, checked as any
     output path) or an open binary stream; raw frames need a stream."""
+    _check_stream_settings(image_path, audio_path, output, crop, raw, seed, steps, cfg_scale, batch_size,
+                           first_batch_size, noise, audio_mode, control_paths)
+    probe_audio(audio_path)
+    _check_source(image_path, crop)
+
+
+def _check_stream_settings(image_path, audio_path, output, crop, raw, seed, steps, cfg_scale, batch_size,
+                           first_batch_size, noise, audio_mode, control_paths) -> None:
+    """The settings and the output of a streamed job: what `audio_to_stream` checks itself, since reading the
+    audio and the portrait comes next anyway."""
     from .stream import AUDIO_MODES
 
     _check_generation(seed, steps, cfg_scale, noise)
@@ -329,8 +346,6 @@ def check_stream_job(image_path, audio_path, output, crop: CropSettings = CropSe
     else:
         _check_output(output, [image_path, audio_path, *(p for p in control_paths if p is not None)], crop,
                       batch_size)
-    probe_audio(audio_path)
-    _check_source(image_path, crop)
 
 
 class _FrameAdapter:
@@ -382,14 +397,12 @@ def audio_to_stream(models: Models, image_path: str | os.PathLike, audio_path: s
 
     if models.generator is None or models.audio_encoder is None:
         raise InputError("audio-driven generation needs the generator and wav2vec2; load them with audio=True")
-    check_stream_job(image_path, audio_path, output, crop, raw=raw, seed=seed, steps=steps, cfg_scale=cfg_scale,
-                     batch_size=batch_size, first_batch_size=first_batch_size, noise=noise, audio_mode=audio_mode)
+    _check_stream_settings(image_path, audio_path, output, crop, raw, seed, steps, cfg_scale, batch_size,
+                           first_batch_size, noise, audio_mode, ())
     fps = int(models.generator.cfg.fps)
     size = models.renderer.cfg.image_size
-    waveform, rate = load_audio(audio_path)
-    wave16 = to_mono_16k(waveform, rate)
-    check_audio(wave16, name=Path(audio_path).name)
-    pose, cam, gaze = fit_controls(pose, cam, gaze, frame_count(len(wave16), fps), controls_fit)
+    waveform, rate, wave16, frames = _read_speech(audio_path, fps)
+    pose, cam, gaze = fit_controls(pose, cam, gaze, frames, controls_fit)
     source, original, box = _prepare_source(image_path, crop, size)
     identity = encode_identity(models.renderer, source)
     if raw:
