@@ -625,3 +625,26 @@ def export_safetensors(source: nn.Module | Mapping[str, torch.Tensor], path: str
             part.unlink()
     log.info("exported %d tensors to %s%s", len(state), path, " (EMA weights)" if ema is not None else "")
     return len(state)
+
+
+#: Settings every trainer's config has and its command line sets the same way (`add_run_arguments`).
+RUN_SETTINGS = ("mixed_precision", "cpu", "seed", "num_workers", "gradient_accumulation_steps", "log_every",
+                "checkpoint_every", "keep_checkpoints")
+
+
+def add_run_arguments(parser, defaults) -> None:
+    """The command-line options of `RUN_SETTINGS`, defaulting to `defaults` (a trainer's config)."""
+    parser.add_argument("--mixed-precision", choices=list(MIXED_PRECISION), default=defaults.mixed_precision)
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--num-workers", type=int, default=defaults.num_workers,
+                        help="data loader processes per GPU")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps)
+    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    parser.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
+
+
+def run_settings(args) -> dict[str, Any]:
+    """`RUN_SETTINGS` as parsed by `add_run_arguments`, for a trainer config's constructor."""
+    return {name: getattr(args, name) for name in RUN_SETTINGS}

@@ -500,14 +500,7 @@ def register(subparsers) -> None:
     t.add_argument("--context-dropout", type=float, default=d.context_dropout)
     t.add_argument("--ema-decay", type=float, default=d.ema_decay)
     t.add_argument("--clip-grad-norm", type=float, default=d.clip_grad_norm, help="0 turns clipping off")
-    t.add_argument("--mixed-precision", choices=list(engine.MIXED_PRECISION), default=d.mixed_precision)
-    t.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes per GPU")
-    t.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
-    t.add_argument("--log-every", type=int, default=d.log_every)
-    t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    t.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    engine.add_run_arguments(t, d)
     t.add_argument("--preview-every", type=int, default=d.preview_every,
                    help="steps between EMA validation losses and preview videos (0: never)")
     t.add_argument("--preview-renderer", type=Path, default=None,
@@ -525,12 +518,6 @@ def register(subparsers) -> None:
     t.set_defaults(handler=main_train_generator)
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                            format="%(levelname)s %(name)s: %(message)s")
-
-
 def main_prepare_data(args: argparse.Namespace) -> int:
     """`prepare-data`: load the renderer and the audio encoder, then `data.prepare_clips`."""
     from .. import model_files
@@ -539,7 +526,6 @@ def main_prepare_data(args: argparse.Namespace) -> int:
     from ..validation import check_device
     from .data import prepare_clips
 
-    _setup_logging(args)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -564,17 +550,14 @@ def main_prepare_data(args: argparse.Namespace) -> int:
 
 def main_train_generator(args: argparse.Namespace) -> int:
     """`train-generator`: `train_generator` with the command line's settings."""
-    _setup_logging(args)
     config = GeneratorTrainConfig(
         data=os.fspath(args.data), output=os.fspath(args.output),
         init=os.fspath(args.init) if args.init else None, init_ema=args.init_ema, architecture=args.architecture,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, final_lr=args.final_lr, warmup=args.warmup,
         loss=args.loss, velocity_weight=args.velocity_weight, condition_dropout=args.condition_dropout,
         context_dropout=args.context_dropout, ema_decay=args.ema_decay, clip_grad_norm=args.clip_grad_norm,
-        mixed_precision=args.mixed_precision, cpu=args.cpu, seed=args.seed, num_workers=args.num_workers,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-        preview_every=args.preview_every, val_clips=args.val_clips, resume=not args.no_resume,
+        **engine.run_settings(args), preview_every=args.preview_every, val_clips=args.val_clips,
+        resume=not args.no_resume,
         preview_renderer=os.fspath(args.preview_renderer) if args.preview_renderer else None,
         preview_image=os.fspath(args.preview_image) if args.preview_image else None,
         preview_clip=args.preview_clip, preview_seconds=args.preview_seconds)

@@ -588,14 +588,7 @@ def register(subparsers) -> None:
     t.add_argument("--clip-grad-norm", type=float, default=d.clip_grad_norm, help="0 turns clipping off")
     t.add_argument("--plain-vgg-input", action="store_true",
                    help="feed VGG the [0, 1] frames as they are instead of the reference's remapping")
-    t.add_argument("--mixed-precision", choices=list(engine.MIXED_PRECISION), default=d.mixed_precision)
-    t.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes per GPU")
-    t.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
-    t.add_argument("--log-every", type=int, default=d.log_every)
-    t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    t.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    engine.add_run_arguments(t, d)
     t.add_argument("--preview-every", type=int, default=d.preview_every, help="steps between preview PNGs (0: never)")
     t.add_argument("--no-resume", action="store_true", help="refuse to continue a run folder that has checkpoints")
     t.add_argument("-v", "--verbose", action="store_true")
@@ -604,9 +597,6 @@ def register(subparsers) -> None:
 
 def main_train_renderer(args: argparse.Namespace) -> int:
     """`train-renderer`: `train_renderer` with the command line's settings."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(levelname)s %(name)s: %(message)s")
     weights = LossWeights(**{name: getattr(args, f"loss_{name}")
                              for name in ("l1", "vgg", "vgg_face", "distance", "gan")})
     config = RendererTrainConfig(
@@ -614,10 +604,8 @@ def main_train_renderer(args: argparse.Namespace) -> int:
         vgg_weights=os.fspath(args.vgg_weights) if args.vgg_weights else None, architecture=args.architecture,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, final_lr=args.final_lr, warmup=args.warmup,
         weights=weights, ema_decay=args.ema_decay, clip_grad_norm=args.clip_grad_norm,
-        reference_vgg_input=not args.plain_vgg_input, mixed_precision=args.mixed_precision, cpu=args.cpu,
-        seed=args.seed, num_workers=args.num_workers, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_every=args.log_every, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-        preview_every=args.preview_every, resume=not args.no_resume)
+        reference_vgg_input=not args.plain_vgg_input, **engine.run_settings(args), preview_every=args.preview_every,
+        resume=not args.no_resume)
     result = train_renderer(config)
     for kind, path in result["exports"].items():
         log.info("%s weights: %s", kind, path)
