@@ -135,6 +135,17 @@ def check_finite(entries: Mapping[str, torch.Tensor], source: str, fix: str | No
                               + (fix or redownload_hint(source)))
 
 
+def key_mismatches(own: Mapping[str, torch.Tensor], entries: Mapping[str, torch.Tensor]) -> list[str]:
+    """How `entries` differ from a model's state dict `own`: "N missing (e.g. …)", "N unexpected (e.g. …)",
+    "N with the wrong shape (e.g. …)", each only when there are such keys; empty when they match."""
+    missing = sorted(set(own) - set(entries))
+    unexpected = sorted(set(entries) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(entries) if tuple(own[k].shape) != tuple(entries[k].shape))
+    return [f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong_shape))
+            if keys]
+
+
 def load_strict(model: nn.Module, entries: Mapping[str, torch.Tensor], source: str, kind: str) -> None:
     """Load `entries` into `model`: derived buffers may be missing, nothing else may differ, and every
     floating value must be finite."""
@@ -144,17 +155,11 @@ def load_strict(model: nn.Module, entries: Mapping[str, torch.Tensor], source: s
     entries = dict(entries)
     for name in derived:
         entries.setdefault(name, own[name])
-    missing = sorted(set(own) - set(entries))
-    unexpected = sorted(set(entries) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(entries) if tuple(own[k].shape) != tuple(entries[k].shape))
-    if missing or unexpected or wrong_shape:
+    parts = key_mismatches(own, entries)
+    if parts:
         other = guess_kind(entries)
         hint = (f" It looks like an IMTalker {other} file; use the {other} loader." if other and other != kind
                 else " Is it the official IMTalker " + kind + " file, complete and not truncated?")
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong_shape)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
         raise CheckpointError(f"{source} does not match the IMTalker {kind}: " + "; ".join(parts) + "." + hint)
     check_finite(entries, source)
     model.load_state_dict(entries, strict=True)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import key_mismatches
 from ..errors import CheckpointError
 from ..layers.stylegan import SQRT2, Blur, ConvLayer, EqualConv2d, EqualLinear
 
@@ -183,13 +184,8 @@ def load_discriminator_state(disc: PatchDiscriminator, entries: Mapping[str, tor
     entries = dict(entries)
     for name in derived:
         entries.setdefault(name, own[name])
-    missing = sorted(set(own) - set(entries))
-    unexpected = sorted(set(entries) - set(own))
-    wrong = sorted(k for k in set(own) & set(entries) if own[k].shape != entries[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong))
-                 if keys]
+    parts = key_mismatches(own, entries)
+    if parts:
         raise CheckpointError(f"{source}: its discriminator entries do not match the discriminator configuration: "
                               + "; ".join(parts) + ". Train the discriminator from scratch (omit its weights) or "
                               "use a matching configuration.")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import key_mismatches
 from ..errors import CheckpointError, InputError
 from ..safe_read import read_file
 
@@ -145,13 +146,8 @@ def load_vgg19(weights: str | os.PathLike | Mapping, source: str | None = None) 
 
     unused = [k for k in entries if k not in own and (k.startswith("classifier.") or past_relu5_1(k))]
     entries = {k: v for k, v in entries.items() if k not in unused}
-    missing = sorted(set(own) - set(entries))
-    unexpected = sorted(set(entries) - set(own))
-    wrong = sorted(k for k in set(own) & set(entries) if own[k].shape != entries[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong))
-                 if keys]
+    parts = key_mismatches(own, entries)
+    if parts:
         raise CheckpointError(f"{source} is not a torchvision VGG19 state dict: " + "; ".join(parts) + ". Give "
                               "torchvision's vgg19 ImageNet weights (e.g. vgg19-dcbb9e9d.pth) as a .pth or "
                               ".safetensors file.")
