@@ -456,7 +456,22 @@ def _is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
-class VideoWriter:
+class _ClosedOnExit:
+    """A writer as a context manager: `close` when the block ends normally, `abort` when it raises."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+class VideoWriter(_ClosedOnExit):
     """Stream frames into an H.264 (yuv420p) video, optionally with an AAC sound track.
 
     Use as a context manager::
@@ -566,17 +581,6 @@ class VideoWriter:
             logger.info("averaging %d audio channels to mono for AAC", array.shape[0])
             array = array.mean(axis=0, dtype=np.float32, keepdims=True)
         return array, int(rate)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
 
     def _open(self, height: int, width: int) -> None:
         """Create the partial file and the streams at the first frame (FFmpeg needs the size first)."""
@@ -785,7 +789,7 @@ class FrameSink(Protocol):
     def abort(self) -> None: ...
 
 
-class RawVideoWriter:
+class RawVideoWriter(_ClosedOnExit):
     """Bare RGB24 frames (``H × W × 3`` bytes each, rows top to bottom, no header) to a binary stream.
 
     What ``ffplay -f rawvideo -pixel_format rgb24 -video_size WxH -framerate 25 -`` or a program
@@ -840,19 +844,8 @@ class RawVideoWriter:
     def abort(self) -> None:
         self._closed = True
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
-
-
-class BackgroundWriter:
+class BackgroundWriter(_ClosedOnExit):
     """Runs a writer's ``write`` calls on a thread of its own, so encoding overlaps the caller's work.
 
     ``writer`` is a `FrameSink` (`VideoWriter`, `RawVideoWriter`, …); its ``write`` is called on the
@@ -944,14 +937,3 @@ class BackgroundWriter:
     def abort(self) -> None:
         """Drop what is queued, stop the thread and abort the writer."""
         self._finish(abort=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
