@@ -70,6 +70,22 @@ def input_dir(tmp_path, media_dir, monkeypatch):
     return folder
 
 
+@pytest.fixture
+def progress_updates(sub, monkeypatch):
+    """What the nodes report to `bridge.Progress`: ("new", total) per bar, then (done, total) per step."""
+    updates = []
+
+    class RecordingProgress:
+        def __init__(self, total, what):
+            updates.append(("new", total))
+
+        def __call__(self, done, total):
+            updates.append((done, total))
+
+    monkeypatch.setattr(sub("nodes.bridge"), "Progress", RecordingProgress)
+    return updates
+
+
 def video_to_motion(pack, renderer, **options):
     defaults = {"video": DRIVING, "crop": "face", "scale": 1.6, "batch_size": 8, "on_bad_frame": "hold"}
     return run(pack, "IMTalkerVideoToMotion", renderer=renderer, **{**defaults, **options})
@@ -155,18 +171,9 @@ def test_video_to_motion_holds_one_batch_of_frames_at_a_time(pack, sub, renderer
 
 
 def test_video_to_motion_reports_progress_per_frame_and_stops_on_cancel(pack, sub, renderer, fake_encoder,
-                                                                        input_dir, monkeypatch):
+                                                                        input_dir, monkeypatch, progress_updates):
     bridge = sub("nodes.bridge")
-    updates = []
-
-    class RecordingProgress:
-        def __init__(self, total, what):
-            updates.append(("new", total))
-
-        def __call__(self, done, total):
-            updates.append((done, total))
-
-    monkeypatch.setattr(bridge, "Progress", RecordingProgress)
+    updates = progress_updates
     video_to_motion(pack, renderer, crop="face", max_frames=20)
     assert updates[0] == ("new", 40)  # two passes over 20 frames
     assert updates[1:] == [(done, 40) for done in range(1, 41)]
@@ -537,18 +544,8 @@ def test_render_with_auto_batch_size_renders_every_frame(pack, sub, renderer, mo
 
 
 def test_encode_motion_auto_batch_moves_the_bar_every_frame_on_the_cpu(pack, sub, renderer, fake_encoder,
-                                                                      media_dir, monkeypatch):
-    bridge = sub("nodes.bridge")
-    updates = []
-
-    class RecordingProgress:
-        def __init__(self, total, what):
-            updates.append(("new", total))
-
-        def __call__(self, done, total):
-            updates.append((done, total))
-
-    monkeypatch.setattr(bridge, "Progress", RecordingProgress)
+                                                                      media_dir, progress_updates):
+    updates = progress_updates
     frames = driving_frames(sub, media_dir, 5)
     (motion,) = run(pack, "IMTalkerEncodeMotion", renderer=renderer, images=frames, fps=25.0, batch_size=0)
     assert motion.frames == 5

@@ -26,17 +26,11 @@ from imtalker_core.training.generator_train import (
     train_generator,
 )
 from tests.helpers.standin import PARITY
+from tests.helpers.training import StandInMotionEncoder, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 AUDIO_DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors on a shared 2-core machine: one thread avoids OpenMP contention (10x faster here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_cfg():
@@ -252,17 +246,6 @@ def test_cosine_schedule_and_ema():
     assert torch.equal(fresh.weight, ema.state_dict()["weight"])
 
 
-class _StandInMotionEncoder(nn.Module):
-    """A motion encoder with the renderer's interface (`cfg.image_size`, `cfg.latent_dim`, `encode_motion`)."""
-
-    def __init__(self, size: int = 64):
-        super().__init__()
-        self.cfg = type("Cfg", (), {"image_size": size, "latent_dim": 32})()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(3 * 4 * 4, 32)
-
-    def encode_motion(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.adaptive_avg_pool2d(images, 4).flatten(1))
 
 
 def test_prepare_data_on_the_driving_video_and_resume(tmp_path, media_dir):
@@ -276,7 +259,7 @@ def test_prepare_data_on_the_driving_video_and_resume(tmp_path, media_dir):
     np.save(videos / "sub" / "talk.gaze.npy", np.zeros((40, 2), dtype=np.float32))  # wrong length: dropped
     write_video(videos / "blank.mp4", np.full((8, 64, 64, 3), 128, np.uint8), fps=25)  # no face, no audio
     encoder = AudioEncoder.from_folder(PARITY / "tiny-wav2vec2").eval()
-    renderer = _StandInMotionEncoder()
+    renderer = StandInMotionEncoder()
     out = tmp_path / "prepared"
 
     # Sidecars only (the landmark pass is tested in tests/test_training_labels.py).

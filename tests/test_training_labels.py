@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import nn
 
 from imtalker_core.controls import landmarks as lm
 from imtalker_core.errors import InputError
@@ -26,6 +24,7 @@ from imtalker_core.training import data
 from imtalker_core.training.perceptual import LEFT_EYE, OUTER_LIP, RIGHT_EYE, eye_mouth_masks
 from imtalker_core.training.renderer_train import RendererPairs
 from tests.helpers.standin import MEDIA, PARITY
+from tests.helpers.training import StandInMotionEncoder
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 20  # 0.8 s at 25 fps
@@ -41,24 +40,13 @@ def _require_landmark_package() -> None:
     pytest.skip(message)
 
 
-class _StandInMotionEncoder(nn.Module):
-    """The renderer's interface for `prepare_clips` (`cfg.image_size`, `cfg.latent_dim`, `encode_motion`)."""
-
-    def __init__(self, size: int = SIZE):
-        super().__init__()
-        self.cfg = type("Cfg", (), {"image_size": size, "latent_dim": 32})()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(3 * 4 * 4, 32)
-
-    def encode_motion(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.adaptive_avg_pool2d(images, 4).flatten(1))
 
 
 @pytest.fixture(scope="module")
 def encoders():
     from imtalker_core.generator.audio import AudioEncoder
 
-    return _StandInMotionEncoder(), AudioEncoder.from_folder(PARITY / "tiny-wav2vec2").eval()
+    return StandInMotionEncoder(SIZE), AudioEncoder.from_folder(PARITY / "tiny-wav2vec2").eval()
 
 
 def _short_clip(folder: Path, stem: str) -> Path:

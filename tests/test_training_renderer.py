@@ -39,18 +39,12 @@ from imtalker_core.training.perceptual import (
     gaussian_downsample,
     load_vgg19,
 )
+from tests.helpers.training import one_thread  # noqa: F401 (autouse fixture: one torch thread)
 
 SIZE = 128
 THIN = 16  # VGG channel divisor in these tests
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors on a shared 2-core machine: one thread avoids OpenMP contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- fixtures --------------------------------------------------------------------------------------------------
