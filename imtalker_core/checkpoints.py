@@ -373,6 +373,26 @@ def load_generator_and_audio_encoder(generator_path: str | os.PathLike, wav2vec2
     return generator, encoder
 
 
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None,
+                      instead: str = "choose another output path") -> None:
+    """Write `tensors` (contiguous CPU tensors) to `path` through `<path>.part`, renamed when complete: an
+    interrupted or failed write never leaves a truncated file under the name. A failure is an `InputError`
+    naming the path and the reason, ending with "free some space or `instead`"."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    part = path + ".part"
+    try:
+        save_file(dict(tensors), part, metadata=dict(metadata) if metadata else None)
+        os.replace(part, path)
+    except (OSError, SafetensorError) as err:
+        reason = getattr(err, "strerror", None) or " ".join(str(err).split())
+        raise InputError(f"cannot write {path}: {reason}; free some space or {instead}") from err
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+
+
 def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, kind: str | None = None,
                            dtype: torch.dtype | None = None, use_ema: bool = False,
                            keep_wav2vec2: bool = True) -> dict[str, int]:
@@ -385,9 +405,6 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, kind:
     loaders then use the folder's weights. Returns `{"tensors": n, "values": n, "wav2vec2_tensors": n}`
     (`tensors` counts everything written, the copy included).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     src, dst = os.fspath(src), os.fspath(dst)
     _check_output(src, dst)
     raw = read_file(src)
@@ -411,19 +428,9 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, kind:
         copy = {}
     if dtype is not None:
         entries = {k: v.to(dtype) if v.is_floating_point() else v for k, v in entries.items()}
-    # Written beside the output and renamed when complete: an interrupted or failed write never leaves a
-    # truncated .safetensors under the output name (the loaders prefer a .safetensors to its .ckpt).
-    part = dst + ".part"
-    try:
-        save_file({k: v.contiguous() for k, v in entries.items()}, part,
-                  metadata={"imtalker_kind": kind, **config_metadata(model.cfg)})
-        os.replace(part, dst)
-    except (OSError, SafetensorError) as err:
-        reason = getattr(err, "strerror", None) or " ".join(str(err).split())
-        raise InputError(f"cannot write {dst}: {reason}; free some space or choose another output path") from err
-    finally:
-        if os.path.exists(part):
-            os.remove(part)
+    # Never truncated under the output name (the loaders prefer a .safetensors to its .ckpt).
+    write_safetensors({k: v.contiguous() for k, v in entries.items()}, dst,
+                      {"imtalker_kind": kind, **config_metadata(model.cfg)})
     return {"tensors": len(entries), "values": sum(v.numel() for v in entries.values()),
             "wav2vec2_tensors": len(copy)}
 

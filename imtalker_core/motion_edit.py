@@ -498,8 +498,7 @@ def save_motion(path: str | os.PathLike, latents: torch.Tensor, fps: float) -> s
     It is written beside the target and renamed when complete, so a failed write never leaves a
     truncated file under the name. An existing file is replaced.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    from .checkpoints import write_safetensors
 
     latents = check_latents(latents)
     rate = check_fps(fps)
@@ -511,16 +510,7 @@ def save_motion(path: str | os.PathLike, latents: torch.Tensor, fps: float) -> s
         raise InputError(f"cannot write {target}: the folder {folder} does not exist")
     metadata = {"format": MOTION_FORMAT, "format_version": MOTION_FORMAT_VERSION, "fps": repr(rate),
                 "frames": str(latents.shape[0]), "latent_dim": str(latents.shape[1])}
-    part = target + ".part"
-    try:
-        save_file({MOTION_KEY: latents.detach().cpu().contiguous()}, part, metadata=metadata)
-        os.replace(part, target)
-    except (OSError, SafetensorError) as err:
-        reason = getattr(err, "strerror", None) or " ".join(str(err).split())
-        raise InputError(f"cannot write {target}: {reason}; free some space or choose another path") from err
-    finally:
-        if os.path.exists(part):
-            os.remove(part)
+    write_safetensors({MOTION_KEY: latents.detach().cpu().contiguous()}, target, metadata, "choose another path")
     log.info("wrote %d motion frames at %g fps to %s", latents.shape[0], rate, target)
     return target
 
