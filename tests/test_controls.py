@@ -3,11 +3,9 @@ nodes of `nodes/controls.py`, run in-process without ComfyUI."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +15,8 @@ import torch
 from imtalker_core.controls import sequence as cs
 from imtalker_core.controls.sequence import ControlSequence
 from imtalker_core.errors import InputError
+from tests.test_nodes import PACK_NAME, load_pack
 
-ROOT = Path(__file__).resolve().parent.parent
-PACK_NAME = "imtalker_pack_under_test"  # the name tests/test_nodes.py imports the pack under
 
 
 def random_controls(frames: int = 12, fps: float = 25.0, seed: int = 0, cls=ControlSequence) -> ControlSequence:
@@ -363,17 +360,6 @@ def test_file_errors_name_the_file(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Nodes
 # --------------------------------------------------------------------------------------------
-
-def load_pack():
-    """The repository imported as ComfyUI imports it (a package from its folder), as tests/test_nodes.py does."""
-    if PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK_NAME]
-
 
 @pytest.fixture(scope="module")
 def nodes():

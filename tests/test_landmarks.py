@@ -390,22 +390,14 @@ def test_result_becomes_controls_at_25_fps(driving_result):
 # The ComfyUI node, standalone (a stand-in landmark model: no package needed)
 # --------------------------------------------------------------------------------------------
 
-PACK_NAME = "imtalker_pack_under_test"
-
-
 @pytest.fixture(scope="module")
 def node_module():
     """nodes/landmark_controls.py imported inside the pack, as ComfyUI imports it."""
     import importlib
-    import importlib.util
-    import sys
 
-    if PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = module
-        spec.loader.exec_module(module)
+    from tests.test_nodes import PACK_NAME, load_pack
+
+    load_pack()
     return importlib.import_module(f"{PACK_NAME}.nodes.landmark_controls")
 
 
