@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 Interrupt = Callable[[], None]
 RENDERER_CAUSES = "damaged renderer weights, or fp16 overflow (try --precision fp32 / precision fp32)"
+MOTION_CAUSES = "damaged generator weights, an extreme cfg scale or extreme pose/cam/gaze values"
 
 
 @dataclass
@@ -192,8 +193,7 @@ def generate_motion(generator: MotionGenerator, audio_features: torch.Tensor, re
         pose=check_control(pose, cfg.pose_dim, "pose"), cam=check_control(cam, cfg.cam_dim, "cam"),
         gaze=check_control(gaze, cfg.gaze_dim, "gaze"), cfg_scale=cfg_scale, steps=steps,
         seed=seed, noise=noise, noise_device=noise_device, callback=callback, check_interrupt=check_interrupt)
-    check_finite_output(sample, "generated motion",
-                        "damaged generator weights, an extreme cfg scale or extreme pose/cam/gaze values")
+    check_finite_output(sample, "generated motion", MOTION_CAUSES)
     return sample[0].float()
 
 
@@ -217,28 +217,47 @@ def render_batches(renderer: IMTRenderer, identity: Identity, motion: torch.Tens
 # The generator body runs after render_batches has returned, outside its no_grad: it needs its own.
 @torch.no_grad()
 def _render_iter(renderer, identity, motion, batch_size, output_device, callback, check_interrupt, allow_tf32):
-    device, dtype = _model_place(renderer)
-    identity = identity.to(device=device, dtype=dtype)
+    identity, source = prepare_render_source(renderer, identity, allow_tf32)
     total = motion.shape[0]
-    # The source-only half of the transfer (key/value projections, pooled features), once per call.
-    with _float32(dtype, device, allow_tf32):
-        source = renderer.prepare_source(identity.motion_maps, identity.features)
     for start in range(0, total, batch_size):
-        if check_interrupt is not None:
-            check_interrupt()
-        latents = motion[start:start + batch_size].to(device=device, dtype=dtype)
-        vector = identity.vector.expand(latents.shape[0], -1)
-        # The TF32 switch is process-wide, so it covers the model calls only, never the caller's
-        # code that runs between yields.
-        with _float32(dtype, device, allow_tf32):
-            maps = renderer.decode_motion(renderer.adapt(latents, vector))
-            if check_interrupt is not None:  # the synthesis is most of a frame's time: a second cancel point
-                check_interrupt()
-            frames = renderer.render(maps, source=source).float()
-        check_finite_output(frames, f"frames {start}–{start + latents.shape[0] - 1}", RENDERER_CAUSES)
-        yield frames.to(output_device) if output_device is not None else frames
+        yield render_batch(renderer, identity, source, motion[start:start + batch_size], start, output_device,
+                           check_interrupt, allow_tf32)
         if callback is not None:
             callback(min(start + batch_size, total), total)
+
+
+@torch.no_grad()
+def prepare_render_source(renderer: IMTRenderer, identity: Identity, allow_tf32: bool = False):
+    """`(identity, source)`: the identity on the renderer's device and dtype, and the source-only half of the
+    transfer (key/value projections, pooled features, `IMTRenderer.prepare_source`), done once per render."""
+    device, dtype = _model_place(renderer)
+    identity = identity.to(device=device, dtype=dtype)
+    with _float32(dtype, device, allow_tf32):
+        source = renderer.prepare_source(identity.motion_maps, identity.features)
+    return identity, source
+
+
+@torch.no_grad()
+def render_batch(renderer: IMTRenderer, identity: Identity, source, latents: torch.Tensor, first: int = 0,
+                 output_device: torch.device | str | None = None, check_interrupt: Interrupt | None = None,
+                 allow_tf32: bool = False) -> torch.Tensor:
+    """Frames `[b, 3, S, S]` (float32, in [0, 1]) of motion latents `[b, D]` (frames `first`… of the clip, for
+    messages), from `prepare_render_source`'s identity and source; `check_interrupt` before the batch and
+    before its synthesis."""
+    device, dtype = _model_place(renderer)
+    if check_interrupt is not None:
+        check_interrupt()
+    latents = latents.to(device=device, dtype=dtype)
+    vector = identity.vector.expand(latents.shape[0], -1)
+    # The TF32 switch is process-wide, so it covers the model calls only, never the caller's code that runs
+    # between batches.
+    with _float32(dtype, device, allow_tf32):
+        maps = renderer.decode_motion(renderer.adapt(latents, vector))
+        if check_interrupt is not None:  # the synthesis is most of a frame's time: a second cancel point
+            check_interrupt()
+        frames = renderer.render(maps, source=source).float()
+    check_finite_output(frames, f"frames {first}–{first + latents.shape[0] - 1}", RENDERER_CAUSES)
+    return frames.to(output_device) if output_device is not None else frames
 
 
 def _float32(dtype: torch.dtype, device: torch.device, allow_tf32: bool):

@@ -58,14 +58,8 @@ from . import timing
 from .errors import InputError
 from .generator import MotionGenerator
 from .generator.audio import AudioEncoder
-from .pipeline import (
-    RENDERER_CAUSES,
-    Identity,
-    _float32,
-    _model_place,
-    check_finite_output,
-    check_motion,
-)
+from .pipeline import (MOTION_CAUSES, Identity, _model_place, check_finite_output, check_motion,
+                       prepare_render_source, render_batch)
 from .renderer import IMTRenderer
 from .renderer.model import SourceCache
 from .sampling import NOISE_MODES
@@ -82,7 +76,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 Interrupt = Callable[[], None]
 AUDIO_MODES = ("whole", "chunked")
-MOTION_CAUSES = "damaged generator weights, an extreme cfg scale or extreme pose/cam/gaze values"
 
 
 @dataclass
@@ -152,11 +145,7 @@ def prepare_identity(renderer: IMTRenderer, identity: Identity, allow_tf32: bool
         return identity
     if not isinstance(identity, Identity):
         raise InputError(f"identity must be an Identity from encode_identity, got {type(identity).__name__}")
-    device, dtype = _model_place(renderer)
-    identity = identity.to(device=device, dtype=dtype)
-    with _float32(dtype, device, allow_tf32):
-        source = renderer.prepare_source(identity.motion_maps, identity.features)
-    return PreparedIdentity(identity, source)
+    return PreparedIdentity(*prepare_render_source(renderer, identity, allow_tf32))
 
 
 class _Clock:
@@ -193,7 +182,6 @@ class _BatchRenderer:
     def __init__(self, renderer: IMTRenderer, prepared: PreparedIdentity, batch_size: int, first_batch_size: int,
                  output_device, check_interrupt: Interrupt | None, allow_tf32: bool):
         self.renderer, self.prepared = renderer, prepared
-        self.device, self.dtype = _model_place(renderer)
         self.batch_size, self.next_size = batch_size, first_batch_size
         self.output_device, self.check_interrupt, self.allow_tf32 = output_device, check_interrupt, allow_tf32
         self.pending: list[torch.Tensor] = []
@@ -216,19 +204,9 @@ class _BatchRenderer:
             self.next_size = self.batch_size
 
     def _render(self, motion: torch.Tensor) -> torch.Tensor:
-        # The same operations as pipeline._render_iter, so the frames are the batch pipeline's.
-        renderer, identity = self.renderer, self.prepared.identity
-        if self.check_interrupt is not None:
-            self.check_interrupt()
-        latents = motion.to(device=self.device, dtype=self.dtype)
-        vector = identity.vector.expand(latents.shape[0], -1)
-        with _float32(self.dtype, self.device, self.allow_tf32):
-            maps = renderer.decode_motion(renderer.adapt(latents, vector))
-            if self.check_interrupt is not None:
-                self.check_interrupt()
-            frames = renderer.render(maps, source=self.prepared.source).float()
-        check_finite_output(frames, f"frames {self.start}–{self.start + latents.shape[0] - 1}", RENDERER_CAUSES)
-        return frames.to(self.output_device) if self.output_device is not None else frames
+        # pipeline.render_batch, as render_batches uses it, so the frames are the batch pipeline's.
+        return render_batch(self.renderer, self.prepared.identity, self.prepared.source, motion, self.start,
+                            self.output_device, self.check_interrupt, self.allow_tf32)
 
 
 class ChunkedAudioFeatures:
