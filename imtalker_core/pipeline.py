@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import compiled
 from .errors import IMTalkerError, InputError
 from .generator import MotionGenerator
 from .renderer import IMTRenderer
@@ -200,30 +201,58 @@ def generate_motion(generator: MotionGenerator, audio_features: torch.Tensor, re
 @torch.no_grad()
 def render_batches(renderer: IMTRenderer, identity: Identity, motion: torch.Tensor, batch_size: int = 4,
                    output_device: torch.device | str | None = "cpu", callback: Progress | None = None,
-                   check_interrupt: Interrupt | None = None, allow_tf32: bool = False) -> Iterator[torch.Tensor]:
-    """Yield frames `[b, 3, S, S]` in [0, 1] (float32 on `output_device`) for motion `[T, 32]`.
+                   check_interrupt: Interrupt | None = None, allow_tf32: bool = False,
+                   output_dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
+    """Yield frames `[b, 3, S, S]` for motion `[T, 32]`: float32 in [0, 1], or with `output_dtype=torch.uint8`
+    0–255 (rounded on the renderer's device, as `media.images.to_uint8` rounds: a quarter of the bytes to copy).
 
     Work is done `batch_size` frames at a time on the renderer's device and each batch leaves it
     as soon as it is done, so device memory does not grow with T. The source-only work is done
     once per call. A float32 model computes in true float32 on CUDA (TF32 off) unless `allow_tf32`.
     Inputs are checked when this is called, not at the first batch.
+
+    From a CUDA renderer to the CPU, batch k+1 is queued on the GPU before batch k is handed out, and
+    batch k comes back through pinned memory without blocking the GPU: the caller's work on a batch
+    (encoding, pasting back) overlaps the rendering of the next, at the cost of one more batch in
+    device memory. `callback(done, total)` runs as each batch is handed out.
     """
     motion = check_motion(motion, renderer.cfg.latent_dim)
     batch_size = check_batch_size(batch_size)
+    if output_dtype not in (torch.float32, torch.uint8):
+        raise InputError(f"output_dtype={output_dtype}: use torch.float32 or torch.uint8")
     return _render_iter(renderer, identity, motion, batch_size, output_device, callback, check_interrupt,
-                        allow_tf32)
+                        allow_tf32, output_dtype)
 
 
 # The generator body runs after render_batches has returned, outside its no_grad: it needs its own.
 @torch.no_grad()
-def _render_iter(renderer, identity, motion, batch_size, output_device, callback, check_interrupt, allow_tf32):
+def _render_iter(renderer, identity, motion, batch_size, output_device, callback, check_interrupt, allow_tf32,
+                 output_dtype):
     identity, source = prepare_render_source(renderer, identity, allow_tf32)
     total = motion.shape[0]
+    ahead = _lookahead(identity.vector.device, output_device)
+    pending: list[_PendingFrames] = []
     for start in range(0, total, batch_size):
-        yield render_batch(renderer, identity, source, motion[start:start + batch_size], start, output_device,
-                           check_interrupt, allow_tf32)
-        if callback is not None:
-            callback(min(start + batch_size, total), total)
+        pending.append(launch_batch(renderer, identity, source, motion[start:start + batch_size], start,
+                                    output_device, check_interrupt, allow_tf32,
+                                    pad_to=compiled.bucket_size(renderer, batch_size), output_dtype=output_dtype))
+        while len(pending) > ahead:
+            yield _hand_out(pending.pop(0), total, callback)
+    while pending:
+        yield _hand_out(pending.pop(0), total, callback)
+
+
+def _lookahead(device: torch.device, output_device) -> int:
+    """Batches queued on the device beyond the one being handed out: 1 from a GPU to the CPU, where the copy
+    is asynchronous; 0 otherwise (on a CPU "queued" would mean computed, delaying every batch by one)."""
+    return int(device.type == "cuda" and output_device is not None and torch.device(output_device).type == "cpu")
+
+
+def _hand_out(batch: "_PendingFrames", total: int, callback: Progress | None) -> torch.Tensor:
+    frames = batch.result()
+    if callback is not None:
+        callback(min(batch.end, total), total)
+    return frames
 
 
 @torch.no_grad()
@@ -240,24 +269,81 @@ def prepare_render_source(renderer: IMTRenderer, identity: Identity, allow_tf32:
 @torch.no_grad()
 def render_batch(renderer: IMTRenderer, identity: Identity, source, latents: torch.Tensor, first: int = 0,
                  output_device: torch.device | str | None = None, check_interrupt: Interrupt | None = None,
-                 allow_tf32: bool = False) -> torch.Tensor:
-    """Frames `[b, 3, S, S]` (float32, in [0, 1]) of motion latents `[b, D]` (frames `first`… of the clip, for
-    messages), from `prepare_render_source`'s identity and source; `check_interrupt` before the batch and
-    before its synthesis."""
+                 allow_tf32: bool = False, pad_to: int | None = None,
+                 output_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Frames `[b, 3, S, S]` (float32 in [0, 1], or uint8 with `output_dtype`) of motion latents `[b, D]`
+    (frames `first`… of the clip, for messages), from `prepare_render_source`'s identity and source;
+    `check_interrupt` before the batch and (eager only) before its synthesis.
+
+    `pad_to`: render a batch shorter than this as that many frames (the last latent repeated, the extra
+    frames dropped), so that a compiled renderer (`compiled.set_compile`) sees one shape per run.
+    """
+    return launch_batch(renderer, identity, source, latents, first, output_device, check_interrupt, allow_tf32,
+                        pad_to, output_dtype).result()
+
+
+class _PendingFrames:
+    """A rendered batch on its way to the output device. `result()` waits for its copy (a CUDA event; nothing
+    on a CPU), then checks the finiteness flag computed on the device before the copy, so that neither
+    the check nor the copy makes the CPU wait for batches queued after this one."""
+
+    def __init__(self, frames: torch.Tensor, finite: torch.Tensor, copied, first: int, end: int):
+        self.frames, self.finite, self.copied, self.first, self.end = frames, finite, copied, first, end
+
+    def result(self) -> torch.Tensor:
+        if self.copied is not None:
+            self.copied.synchronize()
+        if not bool(self.finite):
+            raise IMTalkerError(f"the frames {self.first}–{self.end - 1} came out as NaN or infinite values; likely "
+                                f"cause: {RENDERER_CAUSES}. Nothing was written.")
+        return self.frames
+
+
+def launch_batch(renderer: IMTRenderer, identity: Identity, source, latents: torch.Tensor, first: int = 0,
+                 output_device: torch.device | str | None = None, check_interrupt: Interrupt | None = None,
+                 allow_tf32: bool = False, pad_to: int | None = None,
+                 output_dtype: torch.dtype = torch.float32) -> _PendingFrames:
+    """`render_batch` without waiting: the work and the copy to `output_device` are queued (on a GPU) and
+    the returned handle's `result()` gives the frames."""
     device, dtype = _model_place(renderer)
     if check_interrupt is not None:
         check_interrupt()
+    n = latents.shape[0]
     latents = latents.to(device=device, dtype=dtype)
+    if pad_to is not None and n < pad_to:
+        latents = torch.cat([latents, latents[-1:].expand(pad_to - n, -1)])
     vector = identity.vector.expand(latents.shape[0], -1)
+    step = compiled.frames_step(renderer)
     # The TF32 switch is process-wide, so it covers the model calls only, never the caller's code that runs
     # between batches.
     with _float32(dtype, device, allow_tf32):
-        maps = renderer.decode_motion(renderer.adapt(latents, vector))
-        if check_interrupt is not None:  # the synthesis is most of a frame's time: a second cancel point
-            check_interrupt()
-        frames = renderer.render(maps, source=source).float()
-    check_finite_output(frames, f"frames {first}–{first + latents.shape[0] - 1}", RENDERER_CAUSES)
-    return frames.to(output_device) if output_device is not None else frames
+        if step is not compiled.eager_frames:
+            # A copy: under "reduce-overhead" the output lives in the CUDA graph's memory until its next replay.
+            frames = step(renderer, vector, source, latents)[:n].to(torch.float32, copy=True)
+        else:
+            maps = renderer.decode_motion(renderer.adapt(latents, vector))
+            if check_interrupt is not None:  # the synthesis is most of a frame's time: a second cancel point
+                check_interrupt()
+            frames = renderer.render(maps, source=source)[:n].float()
+    finite = torch.isfinite(frames).all()
+    if output_dtype == torch.uint8:
+        frames = to_uint8_tensor(frames)
+    copied = None
+    if output_device is not None and torch.device(output_device) != frames.device:
+        asynchronous = frames.device.type == "cuda" and torch.device(output_device).type == "cpu"
+        # non_blocking to the CPU lands in pinned memory; the event says when it has landed.
+        frames = frames.to(output_device, non_blocking=asynchronous)
+        finite = finite.to(output_device, non_blocking=asynchronous)
+        if asynchronous:
+            copied = torch.cuda.Event()
+            copied.record()
+    return _PendingFrames(frames, finite, copied, first, first + n)
+
+
+def to_uint8_tensor(frames: torch.Tensor) -> torch.Tensor:
+    """Float frames in [0, 1] → uint8 0–255 on their own device, with `media.images.to_uint8`'s arithmetic
+    (clip, ×255 in float32, round half to even), so both give the same bytes."""
+    return frames.float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
 
 
 def _float32(dtype: torch.dtype, device: torch.device, allow_tf32: bool):

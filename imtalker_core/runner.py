@@ -287,9 +287,13 @@ def _render_into(writer: VideoWriter, renderer: IMTRenderer, identity, motion: t
     """Render batch by batch into `writer`; with paste-back, frame by frame into one reused
     full-size buffer, so memory does not grow with the batch or the photo's size beyond one frame."""
     buffer = None
-    for frames in render_batches(renderer, identity, motion, batch_size, callback=_stage(progress, "render")):
+    paste = crop.paste_back and box is not None
+    # Straight into the video, frames leave the device as bytes (a quarter of the copy); pasting back blends
+    # in float.
+    for frames in render_batches(renderer, identity, motion, batch_size, callback=_stage(progress, "render"),
+                                 output_dtype=torch.float32 if paste else torch.uint8):
         frames = frames.permute(0, 2, 3, 1)
-        if not (crop.paste_back and box is not None):
+        if not paste:
             writer.write(frames)
             continue
         if buffer is None:

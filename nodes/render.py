@@ -155,9 +155,12 @@ class IMTalkerRenderToVideo:
         sound = bridge.audio_waveform(audio) if audio is not None else None
         done, started = 0, time.perf_counter()
         with VideoWriter(path, motion.fps, audio=sound) as writer:
+            # Straight into the video, frames leave the device as bytes (a quarter of the copy); pasting back
+            # blends in float.
             for batch in render_batches(module, identity, motion.latents, batch_size=batch_size,
                                         output_device="cpu", callback=progress,
-                                        check_interrupt=bridge.check_interrupt):
+                                        check_interrupt=bridge.check_interrupt,
+                                        output_dtype=torch.float32 if crop is not None else torch.uint8):
                 frames = batch.permute(0, 2, 3, 1)
                 if crop is not None:
                     frames = paste_into(frames, crop, original, feather, first_index=done)
