@@ -1,4 +1,4 @@
-"""Command line: `python -m imtalker_core {audio,video,convert,models} …` (see README)."""
+"""Command line: `python -m imtalker_core {audio,video,batch,convert,models} …` (see README)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from . import model_files
+from .compiled import COMPILE_MODES
 from .errors import IMTalkerError
 from .sampling import NOISE_MODES
 from .validation import MAX_STEPS, MIN_STEPS, check_device
@@ -36,12 +37,7 @@ def _dtype(name: str, device: str) -> torch.dtype:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", type=Path, help="source portrait (any common image format)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .mp4 path")
-    p.add_argument("--models", type=Path, default=None,
-                   help=f"models folder (default: {model_files.default_models_dir()})")
-    p.add_argument("--no-download", action="store_true", help="never download missing model files")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--precision", default="auto", choices=["auto", *DTYPES],
-                   help="auto = fp16 on CUDA, fp32 elsewhere")
+    _model_options(p)
     p.add_argument("--batch-size", type=int, default=4, help="frames rendered at once")
     p.add_argument("--no-crop", action="store_true", help="use the whole image instead of a face crop")
     p.add_argument("--crop-scale", type=float, default=1.6, help="crop side = scale × detected face box")
@@ -50,6 +46,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paste-back", action="store_true", help="composite the face back into the full image")
     p.add_argument("--feather", type=float, default=0.1, help="paste-back edge softness (fraction of the crop)")
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _model_options(p: argparse.ArgumentParser, device_help: str = "auto, cpu, cuda, cuda:1, mps") -> None:
+    p.add_argument("--models", type=Path, default=None,
+                   help=f"models folder (default: {model_files.default_models_dir()})")
+    p.add_argument("--no-download", action="store_true", help="never download missing model files")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--precision", default="auto", choices=["auto", *DTYPES],
+                   help="auto = fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                   help="torch.compile the renderer's frames and the generator's steps (off; default; "
+                        "reduce-overhead = CUDA graphs). The first batch compiles: tens of seconds on a GPU, "
+                        "minutes on a CPU; pays for long clips and many jobs on a GPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--crop-driving", action="store_true",
                    help="find the face in the driving video and crop one steady square around it "
                         "(default: the whole frame is resized, as the reference does)")
+    b = sub.add_parser("batch", help="many videos from a CSV list, over the GPUs of a torchrun/accelerate launch",
+                       description="One job per row: image, audio or video, output, and any audio/video options "
+                                   "as columns (see README, Many videos). Resumable: finished outputs are skipped. "
+                                   "Several GPUs: torchrun --nproc_per_node N -m imtalker_core batch JOBS.csv")
+    b.add_argument("jobs", type=Path, help="CSV job list (paths relative to its folder)")
+    _model_options(b, "auto (cuda:LOCAL_RANK under a launcher, else cuda, mps or cpu), cpu, cuda, cuda:1, mps")
+    b.add_argument("--overwrite", action="store_true", help="redo jobs whose output exists (default: skip them)")
+    b.add_argument("--resume", action="store_true",
+                   help="take over every job claimed by an earlier run that was killed (claims of processes gone "
+                        "from this machine are taken over anyway); only when no other batch run is going")
+    b.add_argument("--report", type=Path, default=None,
+                   help="per-job status, seconds and error as .csv or .jsonl (written by the first process)")
+    b.add_argument("-v", "--verbose", action="store_true")
     c = sub.add_parser("convert", help="checkpoint → .safetensors with only the model's weights")
     c.add_argument("source", type=Path)
     c.add_argument("output", type=Path)
@@ -205,6 +227,12 @@ def run(args: argparse.Namespace) -> int:
                                        keep_wav2vec2=not args.drop_wav2vec2)
         log.info("wrote %s: %d tensors, %d values", args.output, stats["tensors"], stats["values"])
         return 0
+    if args.command == "batch":
+        from .batch_jobs import run_batch
+
+        return run_batch(args.jobs, models_dir=args.models, device=args.device, dtype=DTYPES.get(args.precision),
+                         download=not args.no_download, overwrite=args.overwrite, resume=args.resume,
+                         report=args.report, compile_mode=args.compile)
     if args.command == "models":
         root = args.models or model_files.default_models_dir()
         if args.download:
@@ -241,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         runner.check_video_job(args.image, args.driving, args.output, crop, batch_size=args.batch_size)
     models = runner.load_models(args.models, device, dtype, audio=args.command == "audio",
-                                download=not args.no_download)
+                                download=not args.no_download, compile_mode=args.compile)
     bars = _Bars()
     try:
         if stream_output is not None:

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import model_files
+from . import compiled, model_files
 from .checkpoints import load_generator_and_audio_encoder, load_renderer
 from .controls.sequence import PART_WIDTHS, ControlSequence
 from .controls.sequence import load_controls as read_control_file
@@ -48,17 +48,22 @@ class Models:
 
 
 def load_models(models_dir: str | os.PathLike | None = None, device: str = "cpu",
-                dtype: torch.dtype = torch.float32, audio: bool = True, download: bool = True) -> Models:
+                dtype: torch.dtype = torch.float32, audio: bool = True, download: bool = True,
+                compile_mode: str = "off") -> Models:
     """Load the renderer and, for audio-driven work, the generator and wav2vec2 from a models folder.
 
     The generator file is read once; wav2vec2 uses its copy of the wav2vec2 weights when it carries
-    one, as the reference does (see `checkpoints.load_generator_and_audio_encoder`)."""
+    one, as the reference does (see `checkpoints.load_generator_and_audio_encoder`). `compile_mode`
+    (`compiled.COMPILE_MODES`) compiles the renderer's frames and the generator's steps at first use."""
+    compile_mode = compiled.check_compile_mode(compile_mode)
     root = model_files.ensure_models(models_dir, download=download)
     renderer = load_renderer(model_files.model_path(root, model_files.RENDERER_FILE), device, dtype)
+    compiled.set_compile(renderer, compile_mode)
     if not audio:
         return Models(renderer)
     generator, encoder = load_generator_and_audio_encoder(model_files.model_path(root, model_files.GENERATOR_FILE),
                                                           root / model_files.WAV2VEC2_DIR, device, dtype)
+    compiled.set_compile(generator, compile_mode)
     return Models(renderer, generator, encoder)
 
 
