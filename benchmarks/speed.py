@@ -11,7 +11,9 @@ or writes media, so the machine needs neither av, cv2, soxr nor soundfile.
 
 Sections (`--skip` any of them):
 - anchor:   the 64² anchor attention alone (queries → attended values + head-averaged argmax),
-            plain vs fast path, plus chunk sizes of the fast argmax on CUDA (`--chunk-mib`);
+            plain vs fast path, plus chunk sizes of the fast argmax on CUDA (`--chunk-mib`) and the
+            fast path with the fused Triton argmax (path "triton"; CUDA with triton only, else a
+            row saying why it was skipped);
 - renderer: ms/frame, frames/s and peak memory per precision × path × batch size (motion latents →
             frames on the device, after one warm-up batch); batch 1 is the latency;
 - generator: a `--clip-seconds` clip (25 fps; cfg 3, 10 steps) from random 768-wide features;
@@ -26,8 +28,9 @@ Sections (`--skip` any of them):
 Paths (`--paths`): "plain" is the renderer as it was before issue 11 (float32 anchor map used for
 values and argmax, source-only work redone per batch, explicit window attention); "fast" is the
 current default (`imtalker_core.layers.attention.fast_paths`) with the source prepared once
-(`IMTRenderer.prepare_source`). Precision "tf32" is fp32 weights with TF32 allowed; "fp32" is
-true float32 (TF32 off, `imtalker_core.precision.fp32_matmul`).
+(`IMTRenderer.prepare_source`); its anchor picks come from the Triton kernel on CUDA where it can
+run (`--argmax-kernel`, `imtalker_core.layers.attention.argmax_kernel`). Precision "tf32" is fp32
+weights with TF32 allowed; "fp32" is true float32 (TF32 off, `imtalker_core.precision.fp32_matmul`).
 
 CUDA timings use CUDA events after a warm-up and `torch.cuda.synchronize()`; peak memory is
 `torch.cuda.max_memory_allocated()` (weights included). Prints one markdown table; `--json OUT`
@@ -196,7 +199,8 @@ def random_audio_encoder(device, dtype):
 
 def bench_anchor(args, device, timer, rows):
     """The anchor attention alone at `--anchor-batch`: plain (expanded source, float32 map for both
-    values and argmax) vs fast (prepared kv, values by SDPA on GPUs, chunked argmax)."""
+    values and argmax) vs fast (prepared kv, values by SDPA on GPUs, chunked argmax) vs triton (the
+    fast path with the fused Triton argmax kernel)."""
     cfg = RendererConfig()
     size, dim = cfg.anchor_resolution, cfg.feature_dims[::-1][3]
     b = args.anchor_batch
@@ -236,6 +240,35 @@ def bench_anchor(args, device, timer, rows):
                         note += f"; picks ≠ plain: {int((fn()[1] != plain_picks).sum())}"
                     rows.append(dict(section="anchor", precision=name, path="fast", batch=b, seconds=seconds,
                                      ms_per_frame=1000 * seconds / b, peak_gib=peak, note=note))
+                    if chunk is None:
+                        fast_picks = fn()[1]
+                rows.append(_bench_anchor_kernel(attn, query, kv, name, device, timer, b,
+                                                 {"plain": plain_picks if "plain" in args.paths else None,
+                                                  "fast": fast_picks}))
+
+
+def _bench_anchor_kernel(attn, query, kv, name, device, timer, b, picks) -> dict:
+    """One anchor row for the fast path with the Triton argmax kernel, or a row saying why not."""
+    from imtalker_core.layers import anchor_argmax_triton
+
+    row = dict(section="anchor", precision=name, path="triton", batch=b)
+    if device.type not in attention.ARGMAX_KERNEL_DEVICE_TYPES:
+        reason = f"{device.type} device: the kernel is for CUDA"
+    else:
+        q = attention._split_heads(attn.q_proj(query), attn.num_heads)
+        reason = anchor_argmax_triton.unavailable_reason(device) or anchor_argmax_triton.unsupported_reason(q, kv[0])
+    if reason is not None:
+        return {**row, "note": f"skipped: {reason}"}
+
+    def fn():
+        with attention.argmax_kernel("triton"):
+            return attn(query, return_argmax=True, kv=kv)
+    fn()
+    seconds, peak = timer(fn, repeats=3)
+    kernel_picks = fn()[1]
+    note = "fused Triton argmax, values by SDPA" + "".join(
+        f"; picks ≠ {other}: {int((kernel_picks != ref).sum())}" for other, ref in picks.items() if ref is not None)
+    return {**row, "seconds": seconds, "ms_per_frame": 1000 * seconds / b, "peak_gib": peak, "note": note}
 
 
 def bench_renderer(args, device, timer, renderers, rows, best):
@@ -415,6 +448,11 @@ def environment(device: torch.device) -> dict:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
         env["tf32_default"] = tf32_state()
+        try:
+            import triton
+            env["triton"] = triton.__version__
+        except ImportError:
+            env["triton"] = None
     try:
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT,
                                        capture_output=True, text=True, timeout=10).stdout.strip() or None
@@ -457,6 +495,9 @@ def main() -> int:
     ap.add_argument("--chunk-mib", type=int, nargs="*", default=None,
                     help="extra fast-argmax chunk sizes for the anchor section "
                          "(default: 64 1024 on CUDA, none on a CPU)")
+    ap.add_argument("--argmax-kernel", default="auto", choices=list(attention.ARGMAX_KERNEL_MODES),
+                    help="anchor picks of the fast path outside the anchor section: the Triton kernel on CUDA "
+                         "where it can run (auto), always (triton: fails where it cannot) or never (torch)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -501,7 +542,8 @@ def main() -> int:
         groups = [args.dtypes] if section == "parity" else [[name] for name in args.dtypes]
         for group in groups:
             try:
-                run(argparse.Namespace(**{**vars(args), "dtypes": group}))
+                with attention.argmax_kernel(args.argmax_kernel):
+                    run(argparse.Namespace(**{**vars(args), "dtypes": group}))
             except Exception as err:  # noqa: BLE001 - reported in the table, the other rows kept
                 rows.append({"section": section, "precision": " ".join(group),
                              "note": f"FAILED: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"})

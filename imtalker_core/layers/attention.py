@@ -14,9 +14,23 @@ Two implementations of the expensive parts live side by side, chosen by `fast_pa
 Both compute the anchor picks from float32 logits with the same float32 arithmetic, so float32
 picks are identical (tests/test_speed_paths.py) and half-precision models change no more picks
 than before. The switch exists so that one process can time and compare both.
+
+On CUDA tensors the fast path takes the anchor picks from a fused Triton kernel where one can run
+(`anchor_argmax_triton`: the same float32 reduction without the map; the picks may differ from
+the torch code's only at near-ties below ~1e-6 relative); the values stay `attend`'s. Chosen by
+`argmax_kernel(mode)`, a context manager like `fast_paths`:
+
+- "auto" (default): the kernel for CUDA tensors when triton is installed, has a GPU backend and
+  takes the shapes; otherwise (and after a kernel failure, logged once) the torch chunked code;
+- "triton": the kernel for every CUDA tensor; raises RuntimeError where it cannot run (benchmarks);
+- "torch": always the torch chunked code (`head_mean_argmax`).
+
+CPU tensors, the plain path and code traced by `torch.compile` (which fuses the torch code itself)
+always use the torch code.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +53,16 @@ ARGMAX_CHUNK_BYTES_OTHER = 64 << 20
 
 _FAST_PATHS = True
 
+log = logging.getLogger(__name__)
+
+ARGMAX_KERNEL_MODES = ("auto", "triton", "torch")
+# Device types whose tensors may go to the Triton kernel (tests widen it to "cpu" under the interpreter).
+ARGMAX_KERNEL_DEVICE_TYPES = ("cuda",)
+_ARGMAX_KERNEL = "auto"
+# Set when the kernel failed in "auto" mode: the torch code from then on, without retrying each call.
+_argmax_kernel_failure: str | None = None
+_logged_kernel_reasons: set[str] = set()
+
 
 @contextmanager
 def fast_paths(enabled: bool = True) -> Iterator[None]:
@@ -56,6 +80,51 @@ def fast_paths(enabled: bool = True) -> Iterator[None]:
 
 def fast_paths_enabled() -> bool:
     return _FAST_PATHS
+
+
+@contextmanager
+def argmax_kernel(mode: str = "auto") -> Iterator[None]:
+    """Compute the fast path's anchor picks with the Triton kernel, the torch code or whichever can
+    run ("triton", "torch", "auto"; see the module docstring) inside the block. Not thread-safe."""
+    global _ARGMAX_KERNEL
+    if mode not in ARGMAX_KERNEL_MODES:
+        raise ValueError(f"argmax kernel mode {mode!r}: use one of {', '.join(ARGMAX_KERNEL_MODES)}")
+    before, _ARGMAX_KERNEL = _ARGMAX_KERNEL, mode
+    try:
+        yield
+    finally:
+        _ARGMAX_KERNEL = before
+
+
+def argmax_kernel_mode() -> str:
+    return _ARGMAX_KERNEL
+
+
+def _kernel_argmax(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """The Triton kernel's picks `[B, Nq]` for `head_mean_argmax`'s inputs, or None where the torch
+    code must compute them (see `argmax_kernel`)."""
+    global _argmax_kernel_failure
+    if torch.compiler.is_compiling() or _ARGMAX_KERNEL == "torch" or q.device.type not in ARGMAX_KERNEL_DEVICE_TYPES:
+        return None
+    from . import anchor_argmax_triton as kernel
+
+    reason = kernel.unavailable_reason(q.device) or kernel.unsupported_reason(q, k)
+    if _ARGMAX_KERNEL == "triton":
+        if reason is not None:
+            raise RuntimeError(f"argmax_kernel('triton'): the Triton kernel cannot run here: {reason}")
+        return kernel.head_mean_argmax_triton(q, k, scale)
+    reason = reason or _argmax_kernel_failure
+    if reason is not None:
+        if reason not in _logged_kernel_reasons:
+            _logged_kernel_reasons.add(reason)
+            log.info("anchor argmax: the torch code instead of the Triton kernel: %s", reason)
+        return None
+    try:
+        return kernel.head_mean_argmax_triton(q, k, scale)
+    except Exception as err:  # noqa: BLE001 - e.g. a GPU or triton version the kernel does not compile for
+        _argmax_kernel_failure = f"the kernel failed earlier ({type(err).__name__}: {err})"
+        log.warning("anchor argmax: the Triton kernel failed, using the torch code from now on", exc_info=True)
+        return None
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -192,7 +261,10 @@ class FullAttention(nn.Module):
         k, v = kv if kv is not None else self.project_kv(key, value)
         if not return_argmax:
             return self.proj(_merge_heads(attend(q, k, v)))
-        if _values_from_probs(q.device):
+        argmax = _kernel_argmax(q, k, self.scale)
+        if argmax is not None:
+            out = attend(q, k, v)  # the kernel gives the picks only; values as on the GPU route below
+        elif _values_from_probs(q.device):
             argmax, out = head_mean_argmax(q, k, self.scale, v)
         else:
             # parity: the picks come from float32 logits in every precision (see head_mean_argmax);
@@ -378,7 +450,9 @@ class WindowAttention(nn.Module):
         autograd with a trainable table it is rebuilt every call so gradients flow.
         """
         table = self.relative_position_bias_table
-        if torch.is_grad_enabled() and table.requires_grad:
+        # Under torch.compile the bias is built inside the graph: the cache key reads storage pointers and
+        # version counters, which cannot be traced, and the compiled code keeps the result anyway.
+        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
             return self._build_bias(mask, dtype)
         key = (table.data_ptr(), _version(table), table.device, dtype,
                None if mask is None else (mask.data_ptr(), _version(mask), mask.shape))

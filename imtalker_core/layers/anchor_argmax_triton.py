@@ -1,0 +1,261 @@
+"""The anchor level's head-averaged attention argmax as two Triton kernels that never build the map.
+
+Same reduction as `attention.head_mean_argmax`: for every query, the key with the largest
+head-averaged softmax weight, from float32 logits `(q·kᵀ)·scale` (inputs cast to float32 exactly,
+IEEE float32 dot products: never TF32), a float32 softmax over the keys per head, the sum over
+heads (the mean's argmax) and the lowest key index among equal best values. Two passes over
+blocks of `BLOCK_N` keys for each block of `BLOCK_M` queries:
+
+1. per (query, head): the running maximum `m` of the logits and the normaliser
+   `z = Σ exp(l − m)` (online softmax, rescaled whenever `m` grows); stores `m` and `1/z`;
+2. per query: recomputes the logits block by block, sums `exp(l − m_h) · (1/z_h)` over the heads
+   and keeps the best value and the lowest index reaching it.
+
+The map `[B, H, Nq, Nk]` (17 GB of float32 at 64² with 32 frames) never exists; the extra memory
+is `2 · B · H · Nq` floats. The head width `d` is zero-padded to a power of two ≥ 16 (`tl.dot`'s
+smallest tile): the padded products are exact zeros, so the logits do not change.
+
+The picks equal the torch code's except at near-ties: the dot products, the normaliser and `exp`
+(Triton's fast float32 `exp` on NVIDIA GPUs, ~1e-7 relative) round differently from torch, so two
+keys whose head-mean weights differ by less than about 1e-6 relative may swap; then either pick is
+within that margin of the best (tests/test_anchor_argmax_triton.py).
+
+Triton is optional: this module imports without it (`available()` is then False). Under
+`TRITON_INTERPRET=1` (set before triton is imported) the kernels run on the CPU through Triton's
+interpreter, which is how the tests check them without a GPU. `attention.FullAttention` chooses
+between this and the torch code (`attention.argmax_kernel`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+try:  # optional: torch's CPU wheels do not ship triton
+    import triton
+    import triton.language as tl
+except Exception as err:  # noqa: BLE001 - any failure to import means "no kernel", never a broken import
+    triton = tl = None
+    _IMPORT_ERROR = f"triton cannot be imported ({type(err).__name__}: {err})"
+else:
+    _IMPORT_ERROR = None
+
+# Conservative tiles: 64 × 64 float32 logits per program (a few dozen registers per thread at 4 warps).
+BLOCK_N = 64
+BLOCK_M_CHOICES = (64, 32, 16)
+# Head widths above this fall back to the torch code (the query tile would crowd the registers;
+# the official anchor level has 16).
+MAX_HEAD_DIM = 64
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NUM_WARPS = 4
+# CUDA's limit on the second grid axis (frames · heads in pass 1).
+MAX_GRID_Y = 65535
+
+_device_reasons: dict[str, str | None] = {}
+
+
+if triton is not None:
+    @triton.jit
+    def _logits(q_base, k_base, stride_qn, stride_qd, stride_kn, stride_kd, offs_m, offs_n, offs_d,
+                n_queries, n_keys, head_dim, scale,
+                POST_SCALE: tl.constexpr):
+        """Float32 logits `[BLOCK_M, BLOCK_N]` of one head; rows/keys outside the tensors read zeros."""
+        d_ok = offs_d < head_dim
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=(offs_m < n_queries)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        kt = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                     mask=d_ok[:, None] & (offs_n < n_keys)[None, :], other=0.0).to(tl.float32)
+        if not POST_SCALE:
+            q = q * scale  # a power of two: exact, the same logits as scaling after the product
+        logits = tl.dot(q, kt, input_precision="ieee")
+        if POST_SCALE:
+            logits = logits * scale  # parity: the reference scales the logits after the product
+        return logits
+
+    @triton.jit
+    def _max_and_normaliser_kernel(
+            q_ptr, k_ptr, m_ptr, rz_ptr,
+            stride_qb, stride_qh, stride_qn, stride_qd,
+            stride_kb, stride_kh, stride_kn, stride_kd,
+            n_heads, n_queries, n_keys, head_dim, scale,
+            POST_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Pass 1, one program per (query block, frame · head): `m` and `1/z` into `[B, H, Nq]` buffers."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        z = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, n_keys, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            logits = _logits(q_base, k_base, stride_qn, stride_qd, stride_kn, stride_kd, offs_m, offs_n, offs_d,
+                             n_queries, n_keys, head_dim, scale, POST_SCALE)
+            logits = tl.where((offs_n < n_keys)[None, :], logits, float("-inf"))
+            # Every block holds at least one real key, so m_new is finite and exp(m - m_new) is 0 at first.
+            m_new = tl.maximum(m, tl.max(logits, axis=1))
+            z = z * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+            m = m_new
+        out = pid_bh.to(tl.int64) * n_queries + offs_m
+        row_ok = offs_m < n_queries
+        tl.store(m_ptr + out, m, mask=row_ok)
+        tl.store(rz_ptr + out, tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), z), mask=row_ok)
+
+    @triton.jit
+    def _head_mean_argmax_kernel(
+            q_ptr, k_ptr, m_ptr, rz_ptr, out_ptr,
+            stride_qb, stride_qh, stride_qn, stride_qd,
+            stride_kb, stride_kh, stride_kn, stride_kd,
+            n_heads, n_queries, n_keys, head_dim, scale,
+            POST_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Pass 2, one program per (query block, frame): the argmax over keys of Σ_h softmax weights."""
+        pid_m = tl.program_id(0)
+        b = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < n_queries
+        best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        best_index = tl.zeros([BLOCK_M], tl.int32)
+        for start in range(0, n_keys, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            # Heads in order 0..H-1, one rounding per head: the order of torch's mean over the head axis.
+            for h in range(0, n_heads):
+                # The frame's offset in int64 (B·H·N·d may pass 2³¹); one head's fits in int32.
+                q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
+                k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
+                logits = _logits(q_base, k_base, stride_qn, stride_qd, stride_kn, stride_kd, offs_m, offs_n,
+                                 offs_d, n_queries, n_keys, head_dim, scale, POST_SCALE)
+                stats = (b * n_heads + h).to(tl.int64) * n_queries + offs_m
+                m = tl.load(m_ptr + stats, mask=row_ok, other=0.0)
+                rz = tl.load(rz_ptr + stats, mask=row_ok, other=1.0)
+                total += tl.exp(logits - m[:, None]) * rz[:, None]
+            total = tl.where((offs_n < n_keys)[None, :], total, float("-inf"))
+            block_best, block_index = tl.max(total, axis=1, return_indices=True,
+                                             return_indices_tie_break_left=True)
+            # Strictly greater: on equal values the earlier block, i.e. the lower key index, stays.
+            better = block_best > best
+            best_index = tl.where(better, block_index + start, best_index)
+            best = tl.where(better, block_best, best)
+        tl.store(out_ptr + b.to(tl.int64) * n_queries + offs_m, best_index.to(tl.int64), mask=row_ok)
+
+
+def _interpreted() -> bool:
+    """Whether the kernels were built by Triton's CPU interpreter (`TRITON_INTERPRET=1` at import)."""
+    return triton is not None and type(_head_mean_argmax_kernel).__name__ == "InterpretedFunction"
+
+
+def unavailable_reason(device: torch.device | str | None = None) -> str | None:
+    """Why the kernels cannot run for tensors on `device` (default: the current CUDA device), or None.
+
+    Never raises. Under the interpreter every device works (tensors are read through the host).
+    """
+    if triton is None:
+        return _IMPORT_ERROR
+    if _interpreted():
+        return None
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda":
+        return f"no Triton backend for {device.type} tensors (CUDA only, or TRITON_INTERPRET=1 for tests)"
+    key = str(device)
+    if key not in _device_reasons:
+        _device_reasons[key] = _probe_cuda(device)
+    return _device_reasons[key]
+
+
+def _probe_cuda(device: torch.device) -> str | None:
+    try:
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        with torch.cuda.device(device):
+            target = triton.runtime.driver.active.get_current_target()
+    except Exception as err:  # noqa: BLE001 - any driver problem means "use the torch code", reported as such
+        return f"no usable Triton GPU backend ({type(err).__name__}: {err})"
+    if target.backend not in ("cuda", "hip"):
+        return f"Triton's active backend is {target.backend!r}, not a GPU"
+    return None
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """True when triton imports and has a usable backend for `device` (see `unavailable_reason`)."""
+    return unavailable_reason(device) is None
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why these inputs are not for the kernels (shapes, dtypes, devices), or None. Never raises."""
+    if q.dim() != 4 or k.dim() != 4:
+        return f"q and k must be [B, H, N, d], got shapes {tuple(q.shape)} and {tuple(k.shape)}"
+    b, h, nq, d = q.shape
+    if k.shape[1] != h or k.shape[3] != d or k.shape[0] not in (1, b):
+        return f"k {tuple(k.shape)} does not match q {tuple(q.shape)} (k batch must be 1 or B)"
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype not in SUPPORTED_DTYPES:
+        return f"dtypes {q.dtype}/{k.dtype}: the kernel reads float32, float16 or bfloat16"
+    if q.device != k.device:
+        return f"q on {q.device}, k on {k.device}"
+    if not (1 <= d <= MAX_HEAD_DIM):
+        return f"head width {d} outside 1..{MAX_HEAD_DIM}"
+    if b == 0 or nq == 0 or k.shape[2] == 0:
+        return "empty queries or keys"
+    if b * h > MAX_GRID_Y:
+        return f"{b} frames × {h} heads exceed the launch grid's {MAX_GRID_Y}"
+    return None
+
+
+def _block_m(device: torch.device, frames: int, queries: int) -> int:
+    """Queries per program: 64, or fewer when that would leave the GPU's multiprocessors idle
+    (one frame at 64² is 64 programs of 64 queries; an H100 has 132 multiprocessors)."""
+    if device.type != "cuda":
+        return BLOCK_M_CHOICES[0]
+    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    for block in BLOCK_M_CHOICES:
+        if frames * triton.cdiv(queries, block) >= 2 * processors:
+            return block
+    return BLOCK_M_CHOICES[-1]
+
+
+def head_mean_argmax_triton(q: torch.Tensor, k: torch.Tensor, scale: float,
+                            block_m: int | None = None) -> torch.Tensor:
+    """For every query, the key with the largest head-averaged softmax weight (see the module docstring).
+
+    q: `[B, H, Nq, d]`; k: `[B or 1, H, Nk, d]` (batch 1: one source shared by the B frames, read in
+    place, never copied); float32, float16 or bfloat16, any strides, on one device; `scale` a
+    positive float (`d ** -0.5`). `block_m` (16, 32 or 64) overrides the queries per program
+    (tests). Returns the argmax `[B, Nq]` int64 on q's device, ties → the lowest key index.
+
+    Raises RuntimeError when triton cannot run here and ValueError for inputs the kernel does not
+    take; `unavailable_reason` / `unsupported_reason` say so beforehand.
+    """
+    reason = unavailable_reason(q.device)
+    if reason is not None:
+        raise RuntimeError(f"the Triton anchor argmax cannot run: {reason}")
+    reason = unsupported_reason(q, k)
+    if reason is not None:
+        raise ValueError(f"the Triton anchor argmax does not take these inputs: {reason}")
+    if block_m is not None and block_m not in BLOCK_M_CHOICES:
+        raise ValueError(f"block_m={block_m}: use one of {BLOCK_M_CHOICES}")
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m = block_m or _block_m(q.device, b, nq)
+    # A power-of-two scale commutes exactly with every rounding of the product (as in head_mean_argmax).
+    post_scale = not _is_power_of_two(scale)
+    k_stride_b = k.stride(0) if k.shape[0] == b and b > 1 else 0  # batch 1: every frame reads the same keys
+    strides = (*q.stride(), k_stride_b, *k.stride()[1:])
+    m = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
+    rz = torch.empty_like(m)
+    out = torch.empty(b, nq, device=q.device, dtype=torch.int64)
+    sizes = (h, nq, nk, d, float(scale))
+    meta = dict(POST_SCALE=post_scale, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, num_warps=NUM_WARPS)
+    # Triton launches on the current CUDA device: make it q's.
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        _max_and_normaliser_kernel[(triton.cdiv(nq, block_m), b * h)](q, k, m, rz, *strides, *sizes, **meta)
+        _head_mean_argmax_kernel[(triton.cdiv(nq, block_m), b)](q, k, m, rz, out, *strides, *sizes, **meta)
+    return out
+
+
+def _is_power_of_two(x: float) -> bool:
+    return x > 0 and math.frexp(x)[0] == 0.5
