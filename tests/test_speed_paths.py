@@ -163,6 +163,33 @@ def test_window_attention_fast_equals_plain(shift, dtype):
     assert not torch.allclose(got, got2)
 
 
+@pytest.mark.parametrize("shift", [0, 4])
+def test_chunked_window_attention_equals_one_product(shift):
+    """The GPU route bounds the map per chunk of whole images; every window is computed as in one product."""
+    torch.manual_seed(8)
+    block = A.SwinBlock(16, 32, 2, 8, shift).eval()
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_()
+    windows = 16  # (32 / 8)² per image
+    q, kv = torch.randn(3 * windows, 64, 16), torch.randn(3 * windows, 64, 16)
+    per_window = 2 * 64 * 64 * 4  # heads × n² float32
+    with torch.no_grad():
+        whole = block.attn._forward_explicit(q, kv, kv, block.attn_mask)
+        calls = []
+        explicit = block.attn._forward_explicit
+
+        def counted(*args):
+            calls.append(args[0].shape[0])
+            return explicit(*args)
+
+        block.attn._forward_explicit = counted
+        # A budget of 20 windows: with the shift mask, chunks of whole images (one here: a window never leaves
+        # its image's mask behind); without it, of 20 windows.
+        chunked = block.attn._forward_chunked(q, kv, kv, block.attn_mask, chunk_bytes=20 * per_window)
+    assert calls == ([windows] * 3 if shift else [20, 20, 8])
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+
+
 def test_window_bias_gets_gradients_when_training():
     block = A.SwinBlock(16, 16, 2, 8, 4)
     block(torch.randn(1, 16, 16, 16)).sum().backward()

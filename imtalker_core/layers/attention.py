@@ -51,6 +51,10 @@ ARGMAX_QUERY_CHUNK = 1024
 ARGMAX_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
 ARGMAX_CHUNK_BYTES_OTHER = 64 << 20
 
+# Bytes of one window-attention map chunk (all heads) on the explicit (GPU) route; see
+# WindowAttention._forward_chunked.
+WINDOW_MAP_CHUNK_BYTES = 256 << 20
+
 _FAST_PATHS = True
 
 log = logging.getLogger(__name__)
@@ -474,8 +478,27 @@ class WindowAttention(nn.Module):
         """q, k, v: `[B·nW, n, C]` windows (image-major); mask `[nW, n, n]` or None → `[B·nW, n, C]`."""
         # SDPA with an additive bias pays on the CPU only: on an H200 it made the whole renderer ~13 %
         # slower than the explicit product (fp16, batch 32: 229 vs 287 frames/s with the rest fast).
-        if _FAST_PATHS and q.device.type == "cpu":
-            return self._forward_fast(q, k, v, mask)
+        if _FAST_PATHS:
+            if q.device.type == "cpu":
+                return self._forward_fast(q, k, v, mask)
+            return self._forward_chunked(q, k, v, mask)
+        return self._forward_explicit(q, k, v, mask)
+
+    def _forward_chunked(self, q, k, v, mask, chunk_bytes: int | None = None):
+        """The explicit product over groups of whole images, so that one group's map `[windows, heads, n, n]`
+        stays within `chunk_bytes` (default `WINDOW_MAP_CHUNK_BYTES`): at the 256² level the map of a batch
+        of 32 is 2 GB in fp16, and the product, the bias sum and the softmax each hold one (the largest term
+        of the renderer's peak memory). Every window is computed as in `_forward_explicit`."""
+        bw, n, _ = q.shape
+        per_image = mask.shape[0] if mask is not None else 1
+        per_window = self.num_heads * n * n * q.element_size()
+        rows = max(1, (chunk_bytes or WINDOW_MAP_CHUNK_BYTES) // (per_window * per_image)) * per_image
+        if rows >= bw:
+            return self._forward_explicit(q, k, v, mask)
+        return torch.cat([self._forward_explicit(q[i:i + rows], k[i:i + rows], v[i:i + rows], mask)
+                          for i in range(0, bw, rows)])
+
+    def _forward_explicit(self, q, k, v, mask):
         bw, n, _ = q.shape
         q = _split_heads(self.q(q), self.num_heads) * self.scale
         k = _split_heads(self.k(k), self.num_heads)
