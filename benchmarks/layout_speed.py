@@ -1,0 +1,117 @@
+"""Inference layout of the synthesis network: channels-last activations and BatchNorm folding (issue 11).
+
+    python benchmarks/layout_speed.py [--batch-sizes 1 2] [--repeats 7] [--threads 2] [--device cpu]
+                                      [--dtype fp32] [--variants plain channels_last fold both]
+
+Builds the full-size renderer on deterministic stand-in weights (tests/helpers/standin.py; speed does
+not depend on the values), encodes a random 512² source once, then renders motion latents → frames
+through `pipeline.render_batch` under each variant of `synthesis.set_inference_layout`:
+
+- plain:         channels_last=False, fold_batchnorm=False
+- channels_last: channels_last=True,  fold_batchnorm=False
+- fold:          channels_last=False, fold_batchnorm=True
+- both:          channels_last=True,  fold_batchnorm=True
+
+Every variant has its own copy of the model, so no variant rebuilds another's cached weights. The
+variants take turns within every repeat (a busy, shared machine slows all of them alike) and the
+table gives the median and the fastest seconds per frame of the whole `render_batch` and of the
+synthesis network alone (same inputs), after one warm-up batch per variant; on a shared machine the
+fastest run is the better estimate of the unloaded speed. The last columns compare each variant's frames
+with the plain variant's: max abs difference and PSNR (peak 1).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import imtalker_core as imt  # noqa: E402
+from imtalker_core.pipeline import prepare_render_source, render_batch  # noqa: E402
+from imtalker_core.renderer.synthesis import set_inference_layout  # noqa: E402
+from tests.helpers.standin import standin_state_dict  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VARIANTS = {"plain": (False, False), "channels_last": (True, False), "fold": (False, True), "both": (True, True)}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.double() - b.double()).pow(2).mean().item()
+    return 10 * math.log10(1 / mse) if mse > 0 else math.inf
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads on a CPU")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    device = torch.device(args.device)
+    model = imt.IMTRenderer().eval()
+    model.load_state_dict(standin_state_dict("renderer"), strict=False)
+    model = model.to(device, DTYPES[args.dtype])
+    torch.manual_seed(0)
+    identity, source = prepare_render_source(model, imt.encode_identity(model, torch.rand(1, 3, 512, 512)))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {args.dtype}, "  # noqa: T201
+          f"{args.repeats} repeats")
+    print("| batch | variant | render_batch s/frame (median, min) | synthesis s/frame (median, min) "  # noqa: T201
+          "| max abs diff vs plain | PSNR dB |")
+    print("| --- | --- | --- | --- | --- | --- |")  # noqa: T201
+    models = {}
+    for name in args.variants:
+        models[name] = copy.deepcopy(model)
+        set_inference_layout(models[name], *VARIANTS[name])
+    for batch in args.batch_sizes:
+        latents = torch.randn(batch, model.cfg.latent_dim, generator=torch.Generator().manual_seed(batch))
+        aligned = []
+        hook = model.frame_decoder.register_forward_pre_hook(lambda module, inputs: aligned.append(inputs[0]))
+        render_batch(model, identity, source, latents)
+        hook.remove()
+        times = {name: ([], []) for name in args.variants}
+        # Warm-up: builds every variant's cached weights.
+        frames = {name: render_batch(models[name], identity, source, latents).cpu() for name in args.variants}
+        for _ in range(args.repeats):
+            for name in args.variants:
+                variant = models[name]
+                times[name][0].append(timed(lambda: render_batch(variant, identity, source, latents), device)[1])
+                times[name][1].append(timed(lambda: variant.frame_decoder(aligned[0]), device)[1])
+        reference = frames.get("plain")
+        for name in args.variants:
+            whole, synthesis = (f"{statistics.median(t) / batch:.3f}, {min(t) / batch:.3f}" for t in times[name])
+            if reference is None:
+                diff, quality = "–", "–"
+            else:
+                diff = f"{(frames[name] - reference).abs().max().item():.2e}"
+                quality = f"{psnr(frames[name], reference):.1f}"
+            print(f"| {batch} | {name} | {whole} | {synthesis} | {diff} | {quality} |", flush=True)  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
