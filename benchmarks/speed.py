@@ -56,6 +56,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from imtalker_core import compiled  # noqa: E402
+from imtalker_core.compiled import COMPILE_MODES  # noqa: E402
 from imtalker_core.config import GeneratorConfig, RendererConfig  # noqa: E402
 from imtalker_core.generator import MotionGenerator  # noqa: E402
 from imtalker_core.layers import attention  # noqa: E402
@@ -119,7 +121,7 @@ def precision_context(name: str, device: torch.device):
 
 
 def path_context(path: str):
-    return attention.fast_paths(path == "fast")
+    return attention.fast_paths(path in ("fast", "compiled"))
 
 
 # --------------------------------------------------------------------------- models
@@ -157,6 +159,8 @@ class Source:
 
 def render_batch(model: IMTRenderer, source: Source, latents: torch.Tensor, path: str) -> torch.Tensor:
     """Motion latents `[b, 32]` → frames `[b, 3, S, S]` as the pipeline does it, on either path."""
+    if path == "compiled":  # the fast path under torch.compile (imtalker_core.compiled; set up by bench_renderer)
+        return compiled.frames_step(model)(model, source.vector.expand(latents.shape[0], -1), source.cache, latents)
     maps = model.decode_motion(model.adapt(latents, source.vector.expand(latents.shape[0], -1)))
     if path == "fast":
         return model.render(maps, source=source.cache)
@@ -287,7 +291,11 @@ def bench_renderer(args, device, timer, renderers, rows, best):
             for bs in args.batch_sizes:
                 n = bs * math.ceil(args.frames / bs)
                 latents = motion[:n].to(p)
+                compile_seconds = None
                 for path in args.paths:
+                    if path == "compiled":
+                        compiled.set_compile(model, args.compile_mode)
+                        compile_seconds, _ = timer(lambda: render_all(model, source, latents[:bs], bs, path))
                     for _ in range(args.warmup):
                         render_all(model, source, latents[:bs], bs, path)
                 # Repeats alternate between the paths so that a busy machine slows both alike.
@@ -301,6 +309,8 @@ def bench_renderer(args, device, timer, renderers, rows, best):
                 for path in args.paths:
                     seconds, peak, cpu = results[path]
                     note = "" if timer.cuda else f"process CPU time {cpu:.2f} s"
+                    if path == "compiled":
+                        note = f"torch.compile {args.compile_mode}: first batch {compile_seconds:.1f} s; {note}"
                     rows.append(dict(section="renderer", precision=name, path=path, batch=bs, frames=n,
                                      seconds=seconds, ms_per_frame=1000 * seconds / n, fps=n / seconds,
                                      peak_gib=peak, note=note))
@@ -483,7 +493,9 @@ def main() -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--frames", type=int, default=8,
                     help="frames rendered per measurement (rounded up to full batches)")
-    ap.add_argument("--paths", nargs="+", default=["plain", "fast"], choices=["plain", "fast"])
+    ap.add_argument("--paths", nargs="+", default=["plain", "fast"], choices=["plain", "fast", "compiled"],
+                    help="compiled: the fast path under torch.compile (--compile-mode), compiled once per batch size")
+    ap.add_argument("--compile-mode", default="default", choices=[m for m in COMPILE_MODES if m != "off"])
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     ap.add_argument("--skip", nargs="+", default=[], choices=SECTIONS)
     ap.add_argument("--warmup", type=int, default=1, help="warm-up batches before each measurement")

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import timing
+from . import compiled, timing
 from .errors import InputError
 from .generator import MotionGenerator
 from .generator.audio import AudioEncoder
@@ -199,14 +199,16 @@ class _BatchRenderer:
             take = min(self.next_size, self.pending_frames)
             latents, rest = motion[:take], motion[take:]
             self.pending, self.pending_frames = ([rest] if rest.shape[0] else []), rest.shape[0]
-            yield self._render(latents)
+            yield self._render(latents, self.next_size)
             self.start += take
             self.next_size = self.batch_size
 
-    def _render(self, motion: torch.Tensor) -> torch.Tensor:
-        # pipeline.render_batch, as render_batches uses it, so the frames are the batch pipeline's.
+    def _render(self, motion: torch.Tensor, size: int) -> torch.Tensor:
+        # pipeline.render_batch, as render_batches uses it, so the frames are the batch pipeline's; a compiled
+        # renderer sees two shapes at most (the first batch's and the others').
         return render_batch(self.renderer, self.prepared.identity, self.prepared.source, motion, self.start,
-                            self.output_device, self.check_interrupt, self.allow_tf32)
+                            self.output_device, self.check_interrupt, self.allow_tf32,
+                            pad_to=compiled.bucket_size(self.renderer, size))
 
 
 class ChunkedAudioFeatures:

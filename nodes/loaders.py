@@ -12,11 +12,18 @@ from pathlib import Path
 
 from ..imtalker_core import load_generator_and_audio_encoder, load_renderer
 from ..imtalker_core import model_files
+from ..imtalker_core.compiled import COMPILE_MODES, set_compile
 from . import bridge
 from .types import GENERATOR, RENDERER, GeneratorModels
 
 log = logging.getLogger(__name__)
 
+COMPILE_INPUT = (list(COMPILE_MODES), {
+    "default": "off",
+    "tooltip": "torch.compile the per-frame work (renderer) or the sampling steps (generator). The first run of "
+               "each batch size compiles (tens of seconds on a GPU, minutes on a CPU), later runs are faster; "
+               "reduce-overhead also records CUDA graphs. Worth it on a GPU for long clips or many runs; leave "
+               "off on the CPU."})
 PRECISION_TOOLTIP = ("Weight precision. auto: ComfyUI's choice for the device (fp16 on GPUs that support it, "
                      "fp32 on the CPU). fp32 is the reference precision; fp16/bf16 halve the memory.")
 
@@ -71,7 +78,7 @@ class IMTalkerLoadRenderer:
                                ".safetensors converted from it)."}),
                 "precision": (list(bridge.PRECISIONS), {"default": "auto", "tooltip": PRECISION_TOOLTIP}),
             },
-            "optional": {"download_if_missing": DOWNLOAD_INPUT},
+            "optional": {"download_if_missing": DOWNLOAD_INPUT, "compile": COMPILE_INPUT},
         }
 
     RETURN_TYPES = (RENDERER,)
@@ -86,12 +93,13 @@ class IMTalkerLoadRenderer:
     def VALIDATE_INPUTS(cls, renderer_name, download_if_missing=True):
         return _checkpoint_problem(renderer_name, download_if_missing)
 
-    def load(self, renderer_name: str, precision: str, download_if_missing: bool = True):
+    def load(self, renderer_name: str, precision: str, download_if_missing: bool = True, compile: str = "off"):
         _fetch_if_missing([renderer_name] if renderer_name == model_files.RENDERER_FILE else [], download_if_missing)
         path = bridge.find_checkpoint(renderer_name)
         dtype = bridge.choose_dtype(precision, bridge.compute_device())
         log.info("loading IMTalker renderer %s as %s", path, dtype)
         module = load_renderer(path, device=bridge.offload_device(), dtype=dtype)
+        set_compile(module, compile)
         return (bridge.manage_model(module, renderer_name, dtype),)
 
 
@@ -113,7 +121,7 @@ class IMTalkerLoadGenerator:
                     "tooltip": "Use the checkpoint's EMA (averaged) generator weights instead of the trained ones. "
                                "The reference uses the trained weights (off)."}),
             },
-            "optional": {"download_if_missing": DOWNLOAD_INPUT},
+            "optional": {"download_if_missing": DOWNLOAD_INPUT, "compile": COMPILE_INPUT},
         }
 
     RETURN_TYPES = (GENERATOR,)
@@ -138,7 +146,7 @@ class IMTalkerLoadGenerator:
         return True
 
     def load(self, generator_name: str, wav2vec2_folder: str, precision: str, use_ema: bool,
-             download_if_missing: bool = True):
+             download_if_missing: bool = True, compile: str = "off"):
         official = [generator_name] if generator_name == model_files.GENERATOR_FILE else []
         if wav2vec2_folder == model_files.WAV2VEC2_DIR:
             official += [f"{model_files.WAV2VEC2_DIR}/{f}" for f in ("config.json", "preprocessor_config.json")]
@@ -153,5 +161,6 @@ class IMTalkerLoadGenerator:
         # One read of the generator file; its wav2vec2 copy (if any) replaces the folder's weights.
         generator, encoder = load_generator_and_audio_encoder(path, folder, device=bridge.offload_device(),
                                                               dtype=dtype, use_ema=use_ema)
+        set_compile(generator, compile)
         return (GeneratorModels(bridge.manage_model(generator, generator_name, dtype),
                                 bridge.manage_model(encoder, wav2vec2_folder, dtype)),)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import compiled
 from ..config import GeneratorConfig
 from ..sampling import euler, guided, time_grid, window_noise
 from .dit import FlowMatchingTransformer
@@ -182,15 +183,16 @@ class WindowSampler:
         a_w = _pad_window(audio_emb.to(self.param), c.window_frames)
         o_w = _pad_window(others_emb.to(self.param), c.window_frames)
         o_full = torch.cat([self.prev_o, o_w], dim=1)
-        prev_x, prev_a, ref_motion, model = self.prev_x, self.prev_a, self.ref_motion, self.model
+        prev_x, prev_a, ref_motion = self.prev_x, self.prev_a, self.ref_motion
+        velocity = compiled.velocity_fn(self.model)  # the model's own method unless compiled
 
         def velocity_fn(t, x, doubled):
             if doubled:
                 # parity: guidance nulls only the window's audio, not the context's.
-                return model.velocity(t, x, ref_motion.repeat(2, 1), prev_x.repeat(2, 1, 1),
+                return velocity(t, x, ref_motion.repeat(2, 1), prev_x.repeat(2, 1, 1),
                                       torch.cat([torch.zeros_like(a_w), a_w]), prev_a.repeat(2, 1, 1),
                                       o_full.repeat(2, 1, 1))
-            return model.velocity(t, x, ref_motion, prev_x, a_w, prev_a, o_full)
+            return velocity(t, x, ref_motion, prev_x, a_w, prev_a, o_full)
 
         x0 = self.draw_noise((self.ref_motion.shape[0], c.window_frames, c.motion_dim))
         x = euler(guided(velocity_fn, self.cfg_scale), x0.to(self.param), self.grid, step_callback)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One prepared run of every GPU-only check of issue 11, for a machine with one CUDA GPU (at most 9.5 minutes on
+# an H100). Results land in ${OUT:-gpu_results}/: the logs, and speed/stream JSON.
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root, with torch (CUDA) and the requirements
+#
+# Order: correctness first (the Triton kernel against the torch code on the GPU, the CUDA-only test variants),
+# then speed (renderer fp16/bf16/fp32 with the kernel and with the torch argmax, torch.compile, the whole
+# clip), then the streaming latency. Each step has its own time limit so that one hang costs only itself.
+set -uo pipefail
+out="${OUT:-gpu_results}"
+mkdir -p "$out"
+py="${PYTHON:-python}"
+step() {  # step NAME SECONDS COMMAND...
+    local name="$1" limit="$2"; shift 2
+    echo "=== $name ($(date -u +%T))" | tee -a "$out/summary.txt"
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    tail -n 40 "$out/$name.log"
+    echo "=== $name: exit $rc" | tee -a "$out/summary.txt"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
+"$py" -c "import torch, sys; print(torch.__version__, torch.version.cuda, sys.version.split()[0])" >>"$out/gpu.txt"
+step cuda_tests 120 "$py" -m pytest -q -x tests/test_anchor_argmax_triton.py tests/test_speed_paths.py \
+    tests/test_render_output.py tests/test_compiled.py
+step speed_kernel 120 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 fp32 --batch-sizes 1 8 32 \
+    --frames 64 --repeats 2 --paths fast --sections anchor renderer parity --json "$out/speed_kernel.json"
+step speed_torch_argmax 60 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 1 8 32 \
+    --frames 64 --paths fast --argmax-kernel torch --sections renderer --json "$out/speed_torch_argmax.json"
+step speed_compiled 150 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 8 32 --frames 64 \
+    --paths fast compiled --sections renderer --json "$out/speed_compiled.json"
+step speed_clip 60 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 16 32 --frames 64 \
+    --paths fast --sections renderer generator audio clip --json "$out/speed_clip.json"
+step stream 60 "$py" benchmarks/stream_latency.py --device cuda --batch-size 8 --first-batch-sizes 1 8 \
+    --frames 150 --json "$out/stream.json"
+cat "$out/summary.txt"
