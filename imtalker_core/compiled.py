@@ -26,7 +26,8 @@ ComfyUI's model management see the plain module. Moving or casting the model mak
 Each function is compiled whole (`fullgraph=True`): a graph break would make torch trace every layer
 separately, hit its recompile limit on the layers' differing shapes and quietly fall back to eager for
 some of them; an error on the first call is the honest outcome instead. Caches keyed on tensor identity
-(the window attention's bias) are rebuilt inside the graph while compiling, where they cost a few small ops.
+(the window attention's bias, the synthesis network's folded channels-last conv weights) are rebuilt inside
+the graph while compiling, where they cost a few small ops.
 """
 from __future__ import annotations
 
