@@ -21,6 +21,17 @@ log = logging.getLogger(__name__)
 # when it loads the renderer. On the CPU in fp32, rendering a batch of 2 raised peak memory by about
 # 650 MiB over the loaded model (so ~325 MiB a frame); 512 MiB leaves headroom for allocator slack.
 BYTES_PER_FRAME = 512 * 1024 * 1024
+# On a GPU, from the peak GPU memory measured on an H200 at batch 32 (README, Speed paths): fp16/bf16
+# 6.13 GiB, fp32 12.1 GiB, weights included → 188 and 371 MiB a frame. Measured before the window
+# attention was chunked (which should lower them), so they stay on the safe side.
+GPU_BYTES_PER_FRAME = {torch.float16: 192 << 20, torch.bfloat16: 192 << 20, torch.float32: 384 << 20}
+
+
+def bytes_per_frame(device: torch.device, dtype: torch.dtype) -> int:
+    """The activation memory one rendered frame is budgeted on `device` for a renderer in `dtype`."""
+    if device.type == "cuda":
+        return GPU_BYTES_PER_FRAME.get(dtype, BYTES_PER_FRAME)
+    return BYTES_PER_FRAME
 
 BATCH_SIZE_INPUT = ("INT", {
     "default": 0, "min": 0, "max": 64,
@@ -33,10 +44,11 @@ MAX_AUTO_BATCH = 32
 def _render_setup(renderer: ManagedModel, motion: Motion, batch_size: int):
     """Load the renderer for `batch_size` frames (0: chosen by `bridge.auto_batch_size`);
     returns (module, progress, batch size)."""
+    per_frame = bytes_per_frame(bridge.compute_device(), renderer.dtype)
     if batch_size == 0:
-        batch_size = bridge.auto_batch_size(BYTES_PER_FRAME, MAX_AUTO_BATCH)
+        batch_size = bridge.auto_batch_size(per_frame, MAX_AUTO_BATCH)
         log.info("IMTalker: rendering %d frame(s) at a time (batch_size 0 = auto)", batch_size)
-    module = bridge.ensure_loaded(renderer, memory_required=batch_size * BYTES_PER_FRAME)
+    module = bridge.ensure_loaded(renderer, memory_required=batch_size * per_frame)
     return module, bridge.Progress(motion.frames, "rendering frames"), batch_size
 
 

@@ -526,6 +526,21 @@ def test_auto_batch_size_is_one_on_the_cpu_and_fits_free_gpu_memory(sub, monkeyp
     assert bridge.auto_batch_size(gib // 2, 32) == 1
 
 
+def test_frame_memory_budget_follows_the_device_and_precision(sub, monkeypatch):
+    render = sub("nodes.render")
+    bridge = sub("nodes.bridge")
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert render.bytes_per_frame(cpu, torch.float16) == render.BYTES_PER_FRAME
+    assert render.bytes_per_frame(cuda, torch.float16) == render.bytes_per_frame(cuda, torch.bfloat16) == 192 << 20
+    assert render.bytes_per_frame(cuda, torch.float32) == 384 << 20
+    # 80 % of 8 GiB free on a GPU: 34 fp16 frames (capped at 32) instead of the CPU figure's 12.
+    fake_mm = types.SimpleNamespace(get_torch_device=lambda: cuda, get_free_memory=lambda device: 8 * 2**30)
+    monkeypatch.setattr(bridge, "_comfy", lambda name: fake_mm if name == "comfy.model_management" else None)
+    assert bridge.auto_batch_size(render.bytes_per_frame(cuda, torch.float16), render.MAX_AUTO_BATCH) == 32
+    assert bridge.auto_batch_size(render.bytes_per_frame(cuda, torch.float32), render.MAX_AUTO_BATCH) == 17
+    assert bridge.auto_batch_size(render.BYTES_PER_FRAME, render.MAX_AUTO_BATCH) == 12
+
+
 def test_render_with_auto_batch_size_renders_every_frame(pack, sub, renderer, monkeypatch):
     render = sub("nodes.render")
     seen = []
