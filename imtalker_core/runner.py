@@ -28,7 +28,7 @@ from .generator.audio import AudioEncoder
 from .media.audio import check_audio, load_audio, probe_audio, to_mono_16k
 from .media.face import CropBox, crop_box, crop_face, iter_paste_back, stable_video_box
 from .media.images import load_image, to_model_input
-from .media.video import VideoWriter, check_output_path, read_video, video_info
+from .media.video import BackgroundWriter, VideoWriter, check_output_path, read_video, video_info
 from .motion_edit import relative_motion
 from .timing import frame_count
 from .pipeline import encode_identity, encode_motion, generate_motion, render_batches
@@ -210,7 +210,7 @@ def audio_to_video(models: Models, image_path: str | os.PathLike, audio_path: st
     waveform, rate, wave16, frames = _read_speech(audio_path, fps)
     pose, cam, gaze = fit_controls(pose, cam, gaze, frames, controls_fit)
     source, original, box = _prepare_source(image_path, crop, size)
-    with VideoWriter(output_path, fps, audio=(waveform, rate)) as writer:
+    with _open_video(output_path, fps, (waveform, rate), crop, box) as writer:
         device = next(models.audio_encoder.parameters()).device
         features = models.audio_encoder(torch.from_numpy(wave16).to(device), window_frames=audio_window_frames,
                                         callback=_stage(progress, "audio"))
@@ -282,13 +282,23 @@ def video_to_video(models: Models, image_path: str | os.PathLike, video_path: st
     identity = encode_identity(models.renderer, source)
     if motion_mode == "relative":
         motion = relative_motion(motion.float().cpu(), identity.motion).to(motion.device)
-    with VideoWriter(output_path, info.fps, audio=audio) as writer:
+    with _open_video(output_path, info.fps, audio, crop, box) as writer:
         _render_into(writer, models.renderer, identity, motion, batch_size, crop, box, original, progress)
     return Path(output_path)
 
 
-def _render_into(writer: VideoWriter, renderer: IMTRenderer, identity, motion: torch.Tensor, batch_size: int,
-                 crop: CropSettings, box: CropBox | None, original: np.ndarray, progress: Progress | None) -> None:
+def _open_video(output_path, fps: float, audio, crop: CropSettings, box: CropBox | None):
+    """The MP4 writer of a job. Without paste-back it encodes on a thread of its own (`BackgroundWriter`, two
+    batches queued at most), so the next batch renders while one is encoded; pasting back reuses one
+    full-size buffer per frame, which the writer must have finished with before the next, so it writes in
+    the caller's thread (the paste itself is then the slow part)."""
+    writer = VideoWriter(output_path, fps, audio=audio)
+    return writer if crop.paste_back and box is not None else BackgroundWriter(writer)
+
+
+def _render_into(writer: VideoWriter | BackgroundWriter, renderer: IMTRenderer, identity, motion: torch.Tensor,
+                 batch_size: int, crop: CropSettings, box: CropBox | None, original: np.ndarray,
+                 progress: Progress | None) -> None:
     """Render batch by batch into `writer`; with paste-back, frame by frame into one reused
     full-size buffer, so memory does not grow with the batch or the photo's size beyond one frame."""
     buffer = None
@@ -401,7 +411,7 @@ def audio_to_stream(models: Models, image_path: str | os.PathLike, audio_path: s
     the output is the same either way. With the defaults (`audio_mode="whole"`, `first_batch_size=None`)
     the frames are those of `audio_to_video`. Returns the run's `stream.StreamTimings`.
     """
-    from .media.video import BackgroundWriter, RawVideoWriter
+    from .media.video import RawVideoWriter
     from .stream import StreamTimings, stream_frames
 
     if models.generator is None or models.audio_encoder is None:

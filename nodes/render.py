@@ -9,7 +9,7 @@ import torch
 
 from ..imtalker_core.errors import InputError
 from ..imtalker_core.media.face import CropBox
-from ..imtalker_core.media.video import VideoWriter
+from ..imtalker_core.media.video import BackgroundWriter, VideoWriter
 from ..imtalker_core.pipeline import Identity, render_batches
 from . import bridge
 from .face import PAD_TO_EVEN_INPUT, check_originals, even_canvas, fill_even_padding, paste_into
@@ -166,7 +166,8 @@ class IMTalkerRenderToVideo:
         path, filename, subfolder = bridge.next_output_path(filename_prefix, "mp4", width, height)
         sound = bridge.audio_waveform(audio) if audio is not None else None
         done, started = 0, time.perf_counter()
-        with VideoWriter(path, motion.fps, audio=sound) as writer:
+        # Encoding on a thread of its own: the next batch renders while this one is encoded.
+        with BackgroundWriter(VideoWriter(path, motion.fps, audio=sound)) as writer:
             # Straight into the video, frames leave the device as bytes (a quarter of the copy); pasting back
             # blends in float.
             for batch in render_batches(module, identity, motion.latents, batch_size=batch_size,

@@ -14,7 +14,7 @@ import torch
 
 from ..imtalker_core.errors import InputError
 from ..imtalker_core.media.face import crop_face
-from ..imtalker_core.media.video import VideoWriter
+from ..imtalker_core.media.video import BackgroundWriter, VideoWriter
 from ..imtalker_core.pipeline import render_batches
 from . import bridge
 from .encode import IMTalkerEncodeIdentity
@@ -143,7 +143,8 @@ class IMTalkerTalkingHead:
 
         path, filename, subfolder = bridge.next_output_path(filename_prefix, "mp4", width, height)
         poster = None
-        with VideoWriter(path, motion.fps, audio=bridge.audio_waveform(sound)) as writer:
+        # Encoding on a thread of its own: the next batch renders while this one is encoded.
+        with BackgroundWriter(VideoWriter(path, motion.fps, audio=bridge.audio_waveform(sound))) as writer:
             for batch in batches:
                 frames = finished(batch, done)
                 writer.write(frames)

@@ -274,3 +274,31 @@ def test_relative_motion_mode_starts_from_the_portraits_own_latent(tmp_path, sta
                               tmp_path / "x.mp4", motion_mode="mirrored")
     assert cli.build_parser().parse_args(["video", "a.png", "b.mp4", "-o", "c.mp4", "--motion-mode",
                                           "relative"]).motion_mode == "relative"
+
+
+@pytest.mark.parametrize("paste_back", [False, True])
+def test_video_job_encodes_on_a_writer_thread_unless_pasting_back(tmp_path, standin_dir, media_dir, monkeypatch,
+                                                                    paste_back):
+    """Without paste-back the MP4 is encoded on its own thread (the next batch renders meanwhile); pasting back
+    reuses one full-size buffer per frame, so it writes in the caller's thread."""
+    import threading
+
+    from imtalker_core.media import video
+
+    threads, real_write = [], video.VideoWriter.write
+
+    def recording_write(self, frames):
+        threads.append(threading.current_thread().name)
+        return real_write(self, frames)
+
+    monkeypatch.setattr(video.VideoWriter, "write", recording_write)
+    models = runner.load_models(standin_dir, audio=False, download=False)
+    out = tmp_path / "reenact.mp4"
+    runner.video_to_video(models, media_dir / "photo_512.png", media_dir / "driving_short.mp4", out,
+                          runner.CropSettings(paste_back=paste_back), batch_size=2, max_frames=3, keep_audio=False)
+    assert decode(out)[0] == 3
+    main = threading.current_thread().name
+    if paste_back:
+        assert threads == [main] * 3  # frame by frame from the reused buffer
+    else:
+        assert threads == ["imtalker-writer"] * 2  # two batches (2 + 1), uint8
