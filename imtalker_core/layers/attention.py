@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .tensor_keys import tensor_key
+
 # Queries per chunk of the plain path's argmax; bounds memory at heads × chunk × keys floats
 # instead of heads × keys² (4096² at the 64² level).
 ARGMAX_QUERY_CHUNK = 1024
@@ -407,11 +409,6 @@ def shifted_window_mask(resolution: int, window: int, shift: int) -> torch.Tenso
     return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
 
 
-def _version(tensor: torch.Tensor) -> int:
-    """The in-place version counter, or -1 for inference tensors, which keep none."""
-    return -1 if tensor.is_inference() else tensor._version
-
-
 class WindowAttention(nn.Module):
     """Windowed multi-head attention with a learned relative-position bias (`q`, `k`, `v`, `proj`)."""
 
@@ -458,8 +455,7 @@ class WindowAttention(nn.Module):
         # version counters, which cannot be traced, and the compiled code keeps the result anyway.
         if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
             return self._build_bias(mask, dtype)
-        key = (table.data_ptr(), _version(table), table.device, dtype,
-               None if mask is None else (mask.data_ptr(), _version(mask), mask.shape))
+        key = (tensor_key(table), dtype, None if mask is None else (tensor_key(mask), mask.shape))
         if self._bias_cache is None or self._bias_cache[0] != key:
             self._bias_cache = (key, self._build_bias(mask, dtype))
         return self._bias_cache[1]

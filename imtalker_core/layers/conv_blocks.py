@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tensor_keys import tensor_key
+
 # parity: the reference builds these activations as nn.LeakyReLU() with the default 0.01 slope.
 BLOCK_SLOPE = 0.01
 
@@ -59,13 +61,6 @@ def layout_enabled(setting: bool | None, defaults: dict[str, bool], device: torc
     return defaults.get(device.type, False) if setting is None else setting
 
 
-def _version(tensor: torch.Tensor) -> int:
-    """The in-place version counter, or -1 for inference tensors, which keep none."""
-    return -1 if tensor.is_inference() else tensor._version
-
-
-def _tensor_key(tensor: torch.Tensor | None) -> tuple | None:
-    return None if tensor is None else (tensor.data_ptr(), _version(tensor), tensor.device, tensor.dtype)
 
 
 class InferenceConvs(nn.Module):
@@ -128,7 +123,7 @@ class InferenceConvs(nn.Module):
             return self._build_weights(conv, norm, dtype, layout)
         sources = (conv.weight, conv.bias) + ((norm.weight, norm.bias, norm.running_mean, norm.running_var)
                                               if norm is not None else ())
-        key = (tuple(_tensor_key(t) for t in sources), None if norm is None else norm.eps, dtype, layout)
+        key = (tuple(tensor_key(t) for t in sources), None if norm is None else norm.eps, dtype, layout)
         entry = self._conv_cache.get(name)
         if entry is None or entry[0] != key:
             entry = self._conv_cache[name] = (key, *self._build_weights(conv, norm, dtype, layout))
