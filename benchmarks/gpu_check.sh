@@ -4,13 +4,16 @@
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root, with torch (CUDA) and the requirements
 #
+# Needs torch with CUDA, triton, transformers, safetensors, einops and pytest, not PyAV/OpenCV/soundfile/soxr:
+# none of the steps reads or writes media, so the lent GPU machines' stock image runs it as it is.
+#
 # Order: correctness first (the Triton kernel against the torch code on the GPU, the CUDA-only test variants),
 # then speed (renderer fp16/bf16/fp32 with the kernel and with the torch argmax, torch.compile, the whole
 # clip), then the streaming latency. Each step has its own time limit so that one hang costs only itself.
 set -uo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
-py="${PYTHON:-python}"
+py="${PYTHON:-python3}"
 step() {  # step NAME SECONDS COMMAND...
     local name="$1" limit="$2"; shift 2
     echo "=== $name ($(date -u +%T))" | tee -a "$out/summary.txt"

@@ -13,7 +13,6 @@ import torch
 from imtalker_core import IMTRenderer, encode_identity, pipeline, render_batches, render_frames
 from imtalker_core.config import tiny_renderer_config
 from imtalker_core.errors import IMTalkerError, InputError
-from imtalker_core.media.images import to_uint8
 
 FRAMES = 5
 
@@ -25,6 +24,13 @@ def tiny():
     identity = encode_identity(model, torch.rand(1, 3, model.cfg.image_size, model.cfg.image_size))
     motion = torch.randn(FRAMES, model.cfg.latent_dim, generator=torch.Generator().manual_seed(1))
     return model, identity, motion
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    # Imported here: the media package needs PyAV and OpenCV, which the GPU machine's image may lack, and the
+    # CUDA test below must run there.
+    from imtalker_core.media.images import to_uint8 as convert
+    return convert(values)
 
 
 def test_uint8_tensor_rounds_like_the_cpu_converter():
@@ -130,3 +136,23 @@ def test_non_finite_frames_stop_at_their_batch(tiny, monkeypatch, ahead):
         for batch in render_batches(model, identity, motion, batch_size=2, output_dtype=torch.uint8):
             got.append(batch)
     assert len(got) == 1 and got[0].dtype == torch.uint8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_lookahead_and_bytes_match_the_plain_hand_out(tiny, monkeypatch):
+    """On a GPU the look-ahead and the pinned non-blocking copies are real: same frames as handing out each
+    batch before launching the next, and the bytes are the float frames rounded."""
+    model, identity, motion = tiny
+    gpu = model.to("cuda")
+    try:
+        assert pipeline._lookahead(torch.device("cuda"), "cpu") == 1
+        ahead = list(render_batches(gpu, identity, motion, batch_size=2))
+        as_bytes = torch.cat(list(render_batches(gpu, identity, motion, batch_size=2, output_dtype=torch.uint8)))
+        monkeypatch.setattr(pipeline, "_lookahead", lambda device, output_device: 0)
+        plain = list(render_batches(gpu, identity, motion, batch_size=2))
+    finally:
+        model.to("cpu")
+    assert [b.device.type for b in ahead] == ["cpu"] * 3
+    for got, want in zip(ahead, plain):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(as_bytes, pipeline.to_uint8_tensor(torch.cat(plain)), rtol=0, atol=0)
