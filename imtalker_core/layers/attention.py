@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .tensor_keys import tensor_key
+from .parameter_cache import ParameterCaches, tensor_key
 
 # Queries per chunk of the plain path's argmax; bounds memory at heads × chunk × keys floats
 # instead of heads × keys² (4096² at the 64² level).
@@ -409,7 +409,7 @@ def shifted_window_mask(resolution: int, window: int, shift: int) -> torch.Tenso
     return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
 
 
-class WindowAttention(nn.Module):
+class WindowAttention(ParameterCaches):
     """Windowed multi-head attention with a learned relative-position bias (`q`, `k`, `v`, `proj`)."""
 
     def __init__(self, dim: int, num_heads: int, window: int):
@@ -427,15 +427,8 @@ class WindowAttention(nn.Module):
         # moved, cast or modified in place (load_state_dict), so a stale bias is never used.
         self._bias_cache: tuple[tuple, torch.Tensor] | None = None
 
-    def _apply(self, fn, *args, **kwargs):
-        self._bias_cache = None  # .to() / .half() / .cuda(): drop the old copy rather than keep it alive
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        # Inference tensors (a model loaded under torch.inference_mode, as ComfyUI runs nodes) keep no
-        # version counter, so a load cannot be seen in the cache key: drop the cache here instead.
+    def drop_caches(self) -> None:
         self._bias_cache = None
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def _bias(self) -> torch.Tensor:
         """The gathered relative-position bias `[1, heads, n, n]`."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tensor_keys import tensor_key
+from .parameter_cache import ParameterCaches, tensor_key
 
 # parity: the reference builds these activations as nn.LeakyReLU() with the default 0.01 slope.
 BLOCK_SLOPE = 0.01
@@ -61,9 +61,7 @@ def layout_enabled(setting: bool | None, defaults: dict[str, bool], device: torc
     return defaults.get(device.type, False) if setting is None else setting
 
 
-
-
-class InferenceConvs(nn.Module):
+class InferenceConvs(ParameterCaches):
     """Base of modules whose convs can run from cached inference weights.
 
     `channels_last` and `fold_batchnorm`: False (the class default: blocks on their own, like the
@@ -88,13 +86,8 @@ class InferenceConvs(nn.Module):
         super().__init__()
         self._conv_cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
 
-    def _apply(self, fn, *args, **kwargs):
-        self._conv_cache = {}  # .to() / .half() / .cuda(): drop the old copies rather than keep them alive
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
+    def drop_caches(self) -> None:
         self._conv_cache = {}
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def inferring(self) -> bool:
         """Eval mode with autograd off: the only state in which the layout settings apply."""
