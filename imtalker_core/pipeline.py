@@ -99,7 +99,12 @@ def check_motion(motion, latent_dim: int, name: str = "motion") -> torch.Tensor:
 
 def check_finite_output(values: torch.Tensor, what: str, causes: str) -> None:
     """Stop with an `IMTalkerError` when a model produced NaN/inf (`causes`: the likely reasons)."""
-    if not torch.isfinite(values).all():
+    _check_finite_flag(torch.isfinite(values).all(), what, causes)
+
+
+def _check_finite_flag(finite: torch.Tensor | bool, what: str, causes: str) -> None:
+    """`check_finite_output` on a flag computed earlier (`torch.isfinite(values).all()`)."""
+    if not bool(finite):
         raise IMTalkerError(f"the {what} came out as NaN or infinite values; likely cause: {causes}. "
                             "Nothing was written.")
 
@@ -293,9 +298,7 @@ class _PendingFrames:
     def result(self) -> torch.Tensor:
         if self.copied is not None:
             self.copied.synchronize()
-        if not bool(self.finite):
-            raise IMTalkerError(f"the frames {self.first}–{self.end - 1} came out as NaN or infinite values; likely "
-                                f"cause: {RENDERER_CAUSES}. Nothing was written.")
+        _check_finite_flag(self.finite, f"frames {self.first}–{self.end - 1}", RENDERER_CAUSES)
         return self.frames
 
 
