@@ -293,28 +293,24 @@ def _open_video(output_path, fps: float, audio, crop: CropSettings, box: CropBox
     full-size buffer per frame, which the writer must have finished with before the next, so it writes in
     the caller's thread (the paste itself is then the slow part)."""
     writer = VideoWriter(output_path, fps, audio=audio)
-    return writer if crop.paste_back and box is not None else BackgroundWriter(writer)
+    return writer if _pastes_back(crop, box) else BackgroundWriter(writer)
+
+
+def _pastes_back(crop: CropSettings, box: CropBox | None) -> bool:
+    return crop.paste_back and box is not None
 
 
 def _render_into(writer: VideoWriter | BackgroundWriter, renderer: IMTRenderer, identity, motion: torch.Tensor,
                  batch_size: int, crop: CropSettings, box: CropBox | None, original: np.ndarray,
                  progress: Progress | None) -> None:
-    """Render batch by batch into `writer`; with paste-back, frame by frame into one reused
-    full-size buffer, so memory does not grow with the batch or the photo's size beyond one frame."""
-    buffer = None
-    paste = crop.paste_back and box is not None
+    """Render batch by batch into `writer` (through `_FrameAdapter`: with paste-back, frame by frame into one
+    reused full-size buffer, so memory does not grow with the batch or the photo's size beyond one frame)."""
+    adapter = _FrameAdapter(writer, crop, box, original)
     # Straight into the video, frames leave the device as bytes (a quarter of the copy); pasting back blends
     # in float.
     for frames in render_batches(renderer, identity, motion, batch_size, callback=_stage(progress, "render"),
-                                 output_dtype=torch.float32 if paste else torch.uint8):
-        frames = frames.permute(0, 2, 3, 1)
-        if not paste:
-            writer.write(frames)
-            continue
-        if buffer is None:
-            buffer = np.empty((*original.shape[:2], 3), dtype=np.float32)
-        for full in iter_paste_back(frames, box, original, crop.feather, out=buffer):
-            writer.write(full)
+                                 output_dtype=torch.float32 if _pastes_back(crop, box) else torch.uint8):
+        adapter.write(frames)
 
 
 def _stage(progress: Progress | None, stage: str):
@@ -377,7 +373,7 @@ class _FrameAdapter:
 
     def write(self, frames: torch.Tensor) -> None:
         frames = frames.permute(0, 2, 3, 1)
-        if not (self.crop.paste_back and self.box is not None):
+        if not _pastes_back(self.crop, self.box):
             self.sink.write(frames)
             return
         if self.buffer is None:
@@ -426,7 +422,7 @@ def audio_to_stream(models: Models, image_path: str | os.PathLike, audio_path: s
     identity = encode_identity(models.renderer, source)
     if raw:
         sink = RawVideoWriter(output)
-        height, width = original.shape[:2] if crop.paste_back and box is not None else (size, size)
+        height, width = original.shape[:2] if _pastes_back(crop, box) else (size, size)
         log.info("streaming raw RGB24 frames, %dx%d at %d fps, no audio", width, height, fps)
     else:
         sink = VideoWriter(output, fps, audio=(waveform, rate), preset="veryfast", fragmented=True,
