@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imtalker_core import IMTRenderer, MotionGenerator, compiled, encode_identity, pipeline, render_frames
+from imtalker_core import IMTRenderer, MotionGenerator, compiled, pipeline, render_frames
 from imtalker_core.cli import build_parser
 from imtalker_core.config import GeneratorConfig, tiny_renderer_config
 from imtalker_core.errors import InputError
+from tests.helpers.tiny_render import tiny_render_case
 
 FRAMES = 5
 
@@ -31,10 +32,7 @@ class RecordingBackend:
 
 @pytest.fixture
 def tiny():
-    torch.manual_seed(0)
-    model = IMTRenderer(tiny_renderer_config()).eval().requires_grad_(False)
-    identity = encode_identity(model, torch.rand(1, 3, model.cfg.image_size, model.cfg.image_size))
-    motion = torch.randn(FRAMES, model.cfg.latent_dim, generator=torch.Generator().manual_seed(1))
+    model, identity, motion = tiny_render_case(FRAMES)
     yield model, identity, motion
     compiled.set_compile(model, "off")
 

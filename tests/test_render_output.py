@@ -10,20 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from imtalker_core import IMTRenderer, encode_identity, pipeline, render_batches, render_frames
-from imtalker_core.config import tiny_renderer_config
+from imtalker_core import IMTRenderer, pipeline, render_batches, render_frames
 from imtalker_core.errors import IMTalkerError, InputError
+from tests.helpers.tiny_render import tiny_render_case
 
 FRAMES = 5
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = IMTRenderer(tiny_renderer_config()).eval().requires_grad_(False)
-    identity = encode_identity(model, torch.rand(1, 3, model.cfg.image_size, model.cfg.image_size))
-    motion = torch.randn(FRAMES, model.cfg.latent_dim, generator=torch.Generator().manual_seed(1))
-    return model, identity, motion
+    return tiny_render_case(FRAMES)
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:
