@@ -7,9 +7,11 @@
 # Needs torch with CUDA, triton, transformers, safetensors, einops and pytest, not PyAV/OpenCV/soundfile/soxr:
 # none of the steps reads or writes media, so the lent GPU machines' stock image runs it as it is.
 #
-# Order: correctness first (the Triton kernel against the torch code on the GPU, the CUDA-only test variants),
-# then speed (renderer fp16/bf16/fp32 with the kernel and with the torch argmax, torch.compile, the whole
-# clip), then the streaming latency. Each step has its own time limit so that one hang costs only itself.
+# Order: correctness first (the CUDA-only tests: the Triton kernel against the torch code, the look-ahead
+# copy), then speed, most wanted first: the renderer per precision and batch size with the kernel, the whole
+# clip, the streaming latency and cold start, the synthesis layouts on CUDA, the torch argmax, and last
+# torch.compile "reduce-overhead" (the longest). Each step has its own time limit so that one hang costs
+# only itself; together they stay under 9.5 minutes.
 set -uo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
@@ -24,16 +26,17 @@ step() {  # step NAME SECONDS COMMAND...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
 "$py" -c "import torch, sys; print(torch.__version__, torch.version.cuda, sys.version.split()[0])" >>"$out/gpu.txt"
-step cuda_tests 120 "$py" -m pytest -q -x tests/test_anchor_argmax_triton.py tests/test_speed_paths.py \
-    tests/test_render_output.py tests/test_compiled.py
-step speed_kernel 120 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 fp32 --batch-sizes 1 8 32 \
-    --frames 64 --repeats 2 --paths fast --sections anchor renderer parity --json "$out/speed_kernel.json"
-step speed_torch_argmax 60 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 1 8 32 \
-    --frames 64 --paths fast --argmax-kernel torch --sections renderer --json "$out/speed_torch_argmax.json"
-step speed_compiled 150 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 8 32 --frames 64 \
-    --paths fast compiled --sections renderer --json "$out/speed_compiled.json"
+step cuda_tests 60 "$py" -m pytest -q -k "cuda or gpu" tests/test_anchor_argmax_triton.py \
+    tests/test_speed_paths.py tests/test_render_output.py tests/test_compiled.py
+step speed_kernel 120 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 fp32 tf32 --batch-sizes 1 8 32 64 \
+    --frames 128 --repeats 2 --paths fast --sections anchor renderer parity --json "$out/speed_kernel.json"
 step speed_clip 60 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 16 32 --frames 64 \
     --paths fast --sections renderer generator audio clip --json "$out/speed_clip.json"
 step stream 60 "$py" benchmarks/stream_latency.py --device cuda --batch-size 8 --first-batch-sizes 1 8 \
     --frames 150 --json "$out/stream.json"
+step layout 60 "$py" benchmarks/layout_speed.py --device cuda --dtype fp16 --batch-sizes 1 32 --repeats 5
+step speed_torch_argmax 45 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 1 8 32 \
+    --frames 64 --paths fast --argmax-kernel torch --sections renderer --json "$out/speed_torch_argmax.json"
+step speed_compiled 170 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 1 32 --frames 64 \
+    --paths fast compiled --compile-mode reduce-overhead --sections renderer --json "$out/speed_compiled.json"
 cat "$out/summary.txt"
