@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One prepared run of every GPU-only check of issue 11, for a machine with one CUDA GPU (at most 9.5 minutes on
-# an H100). Results land in ${OUT:-gpu_results}/: the logs, and speed/stream JSON.
+# an H100). Results land in ${OUT:-gpu_results}/: the logs and
+# speed/stream JSON, and all of them in one results.tar.gz.
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root, with torch (CUDA) and the requirements
+#   bash benchmarks/gpu_check.sh              # every step, from the repository root
+#   bash benchmarks/gpu_check.sh clip stream  # only these steps (names below)
 #
 # Needs torch with CUDA, triton, transformers, safetensors, einops and pytest, not PyAV/OpenCV/soundfile/soxr:
 # none of the steps reads or writes media, so the lent GPU machines' stock image runs it as it is.
@@ -16,8 +18,16 @@ set -uo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
+all_steps=(cuda_tests speed_kernel speed_clip stream layout speed_torch_argmax parity_torch_argmax speed_compiled
+           clip_compiled)
+default_steps=(cuda_tests speed_kernel speed_clip stream layout speed_torch_argmax speed_compiled)
+steps=("${@:-${default_steps[@]}}")
+for name in "${steps[@]}"; do
+    [[ " ${all_steps[*]} " == *" $name "* ]] || { echo "unknown step $name; steps: ${all_steps[*]}"; exit 2; }
+done
 step() {  # step NAME SECONDS COMMAND...
     local name="$1" limit="$2"; shift 2
+    [[ " ${steps[*]} " == *" $name "* ]] || return 0
     echo "=== $name ($(date -u +%T))" | tee -a "$out/summary.txt"
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?
@@ -26,8 +36,12 @@ step() {  # step NAME SECONDS COMMAND...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
 "$py" -c "import torch, sys; print(torch.__version__, torch.version.cuda, sys.version.split()[0])" >>"$out/gpu.txt"
-step cuda_tests 60 "$py" -m pytest -q -k "cuda or gpu" tests/test_anchor_argmax_triton.py \
-    tests/test_speed_paths.py tests/test_render_output.py tests/test_compiled.py
+# pytest 8 imports the root __init__.py of a package it collects from, and the pack's imports the nodes, which
+# need PyAV; so the CUDA tests run from a copy of the core and the tests (they need neither the nodes nor media).
+tests_copy="$(mktemp -d)"
+cp -r imtalker_core tests "$tests_copy"/
+step cuda_tests 60 env -C "$tests_copy" "$py" -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
+    tests/test_anchor_argmax_triton.py tests/test_speed_paths.py tests/test_render_output.py tests/test_compiled.py
 step speed_kernel 120 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 fp32 tf32 --batch-sizes 1 8 32 64 \
     --frames 128 --repeats 2 --paths fast --sections anchor renderer parity --json "$out/speed_kernel.json"
 step speed_clip 60 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 16 32 --frames 64 \
@@ -37,6 +51,12 @@ step stream 60 "$py" benchmarks/stream_latency.py --device cuda --batch-size 8 -
 step layout 60 "$py" benchmarks/layout_speed.py --device cuda --dtype fp16 --batch-sizes 1 32 --repeats 5
 step speed_torch_argmax 45 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 1 8 32 \
     --frames 64 --paths fast --argmax-kernel torch --sections renderer --json "$out/speed_torch_argmax.json"
+# The anchor picks that half precision changes with the torch argmax (speed_kernel's parity rows: the kernel's).
+step parity_torch_argmax 45 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 --argmax-kernel torch \
+    --sections parity --json "$out/parity_torch_argmax.json"
 step speed_compiled 170 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 1 32 --frames 64 \
     --paths fast compiled --compile-mode reduce-overhead --sections renderer --json "$out/speed_compiled.json"
+step clip_compiled 200 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 32 --paths fast compiled \
+    --compile-mode reduce-overhead --sections clip --json "$out/clip_compiled.json"
 cat "$out/summary.txt"
+tar -czf "$out/results.tar.gz" -C "$out" --exclude results.tar.gz .

@@ -18,9 +18,11 @@ Sections (`--skip` any of them):
             frames on the device, after one warm-up batch); batch 1 is the latency;
 - generator: a `--clip-seconds` clip (25 fps; cfg 3, 10 steps) from random 768-wide features;
 - audio:    wav2vec2-base features of a `--clip-seconds` random waveform;
-- clip:     audio → features → motion → frames copied to the CPU at the best batch size of the
-            renderer section (on a CPU only `--clip-render-frames` are rendered and the time is
-            scaled to the clip, marked "scaled");
+- clip:     audio → features → motion → uint8 frames on the CPU through the pipeline
+            (`generate_motion`, `render_batches`: what the runner hands its video writer) at the best
+            batch size of the renderer section (on a CPU only `--clip-render-frames` are rendered and
+            the time is scaled to the clip, marked "scaled"); path "compiled" compiles the generator
+            too, in an untimed first clip;
 - parity:   on the parity inputs (tests/data/parity), PSNR of each precision's frames against the
             same path's fp32 frames and against the reference's golden frames, and the anchor picks
             that differ from fp32's.
@@ -56,7 +58,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from imtalker_core import compiled  # noqa: E402
+from imtalker_core import compiled, pipeline  # noqa: E402
 from imtalker_core.compiled import COMPILE_MODES  # noqa: E402
 from imtalker_core.config import GeneratorConfig, RendererConfig  # noqa: E402
 from imtalker_core.generator import MotionGenerator  # noqa: E402
@@ -167,13 +169,27 @@ def render_batch(model: IMTRenderer, source: Source, latents: torch.Tensor, path
     return model.render(maps, source.maps, source.features)
 
 
-def render_all(model, source, motion, batch, path, to_cpu=False) -> list[torch.Tensor]:
+def render_all(model, source, motion, batch, path) -> list[torch.Tensor]:
+    """Frames on the device, batch by batch (the renderer alone)."""
     out = []
     with path_context(path):
         for start in range(0, motion.shape[0], batch):
-            frames = render_batch(model, source, motion[start:start + batch], path).float()
-            out.append(frames.to("cpu") if to_cpu else frames)
+            out.append(render_batch(model, source, motion[start:start + batch], path).float())
     return out
+
+
+def compile_state(model, path: str):
+    """`path` "compiled" runs `model`'s compiled code (set up before), the others run it eagerly."""
+    return contextlib.nullcontext() if path == "compiled" else compiled.suspended(model)
+
+
+def render_to_cpu(model, identity, motion, batch, path, output_dtype=torch.float32) -> list[torch.Tensor]:
+    """Frames on the CPU through `pipeline.render_batches`, the nodes' and the runner's output path:
+    float32 for IMAGE outputs, uint8 for video (pinned copies, the next batch queued before one is handed
+    out, a compiled renderer padded to whole batches)."""
+    with path_context(path), compile_state(model, path):
+        return list(pipeline.render_batches(model, identity, motion, batch, output_device="cpu",
+                                            output_dtype=output_dtype))
 
 
 @functools.lru_cache(maxsize=1)
@@ -317,14 +333,16 @@ def bench_renderer(args, device, timer, renderers, rows, best):
                     key = (name, path)
                     if key not in best or rows[-1]["fps"] > best[key][1]:
                         best[key] = (bs, rows[-1]["fps"])
+            identity = pipeline.encode_identity(model, image)
             for path in args.paths:
-                # The nodes' output path: every batch copied to the CPU as float32.
+                # The IMAGE nodes' output path: float32 frames on the CPU, through pipeline.render_batches.
                 bs = best[(name, path)][0]
                 n = bs * math.ceil(args.frames / bs)
-                seconds, peak = timer(lambda: render_all(model, source, motion[:n].to(p), bs, path, to_cpu=True))
+                seconds, peak = timer(lambda: render_to_cpu(model, identity, motion[:n], bs, path))
                 rows.append(dict(section="renderer", precision=name, path=path, batch=bs, frames=n, seconds=seconds,
                                  ms_per_frame=1000 * seconds / n, fps=n / seconds, peak_gib=peak,
-                                 note="frames copied to the CPU" + (f"; {timer.cpu_note()}" if not timer.cuda else "")))
+                                 note="float32 frames to the CPU (pipeline.render_batches)"
+                                      + (f"; {timer.cpu_note()}" if not timer.cuda else "")))
 
 
 def _time_each_precision(args, device, timer, rows, cache, section: str, frames: int, build, call, note: str):
@@ -366,7 +384,9 @@ def bench_audio(args, device, timer, rows, cache):
 
 
 def bench_clip(args, device, timer, renderers, rows, best, generators, encoders):
-    """Audio → frames on the CPU; the parts are timed in one pass each."""
+    """Audio → uint8 frames on the CPU through the pipeline (`generate_motion`, `render_batches`), as the
+    runner feeds its video writer; the parts are timed in one pass each. Path "compiled" compiles the
+    generator and the renderer (an untimed first clip compiles them)."""
     frames = round(args.clip_seconds * FPS)
     torch.manual_seed(0)
     wave = torch.randn(1, round(args.clip_seconds * SAMPLE_RATE)) * 0.1
@@ -382,28 +402,42 @@ def bench_clip(args, device, timer, renderers, rows, best, generators, encoders)
             except ImportError:
                 enc = None
         with torch.no_grad(), precision_context(name, device):
-            source = Source(model, image)
+            identity = pipeline.encode_identity(model, image)
             for path in args.paths:
                 bs = best.get((name, path), (max(args.batch_sizes), 0))[0]
+                if path == "compiled":
+                    compiled.set_compile(model, args.compile_mode)
+                    compiled.set_compile(gen, args.compile_mode)
                 parts, out = {}, {}
-                if enc is not None:
-                    parts["audio"], _ = timer(lambda: out.update(features=enc(wave.to(device), num_frames=frames)))
-                    features = out["features"]
-                else:
-                    features = torch.randn(1, frames, 768, device=device)
-                parts["motion"], _ = timer(lambda: out.update(
-                    motion=gen.sample(features, source.motion, cfg_scale=3.0, steps=10, seed=0)[0]))
-                motion = out["motion"].to(source.vector.dtype)
-                seconds, peak = timer(lambda: render_all(model, source, motion[:render_frames], bs, path,
-                                                         to_cpu=True))
+
+                def features():
+                    if enc is None:
+                        return torch.randn(1, frames, 768, device=device)
+                    return enc(wave.to(device), num_frames=frames)
+
+                def motion(feats):
+                    return pipeline.generate_motion(gen, feats, identity.motion, cfg_scale=3.0, steps=10, seed=0)
+
+                def render(latents):
+                    return render_to_cpu(model, identity, latents[:render_frames], bs, path, torch.uint8)
+
+                warm = ""
+                with compile_state(gen, path):
+                    if path == "compiled":
+                        first, _ = timer(lambda: render(motion(features())))
+                        warm = f"; first clip (compiling) {first:.1f} s"
+                    parts["audio"], _ = timer(lambda: out.update(features=features()))
+                    parts["motion"], _ = timer(lambda: out.update(motion=motion(out["features"])))
+                    seconds, peak = timer(lambda: out.update(frames=render(out["motion"])))
+                assert sum(f.shape[0] for f in out["frames"]) == render_frames
                 parts["render"] = seconds * frames / render_frames
                 total = sum(parts.values())
                 scaled = "" if render_frames == frames else f"; render scaled from {render_frames} frames"
                 detail = ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
                 rows.append(dict(section="clip", precision=name, path=path, batch=bs, frames=frames, seconds=total,
                                  ms_per_frame=1000 * total / frames, fps=frames / total, peak_gib=peak,
-                                 note=f"{args.clip_seconds:g} s clip → CPU frames: {detail}; "
-                                      f"{args.clip_seconds / total:.1f}× real time{scaled}"
+                                 note=f"{args.clip_seconds:g} s clip → uint8 CPU frames: {detail}; "
+                                      f"{args.clip_seconds / total:.1f}× real time{scaled}{warm}"
                                       + ("" if enc is not None else "; no transformers: random features")))
 
 

@@ -31,9 +31,10 @@ the graph while compiling, where they cost a few small ops.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -88,6 +89,18 @@ def set_compile(model: nn.Module, mode: str = "default", backend: Any = "inducto
     _compiled[model] = _Compiled(torch.compile(target, backend=backend, dynamic=False, fullgraph=True,
                                                      **options), mode, backend)
     log.info("%s will be compiled (mode %s) at its first use of each shape", type(model).__name__, mode)
+
+
+@contextlib.contextmanager
+def suspended(model: nn.Module) -> Iterator[None]:
+    """Run `model` eagerly inside the block and give it its compiled code back after it (nothing to
+    recompile), e.g. to time the eager and compiled forms of one model side by side."""
+    current = _compiled.pop(model, None)
+    try:
+        yield
+    finally:
+        if current is not None:
+            _compiled[model] = current
 
 
 def compile_mode(model: nn.Module) -> str:
