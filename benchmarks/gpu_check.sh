@@ -18,8 +18,8 @@ set -uo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
-all_steps=(cuda_tests speed_kernel speed_clip stream layout speed_torch_argmax parity_torch_argmax speed_compiled
-           clip_compiled)
+all_steps=(cuda_tests speed_kernel speed_clip stream layout speed_torch_argmax parity parity_torch_argmax
+           speed_compiled speed_compiled_large clip_compiled)
 default_steps=(cuda_tests speed_kernel speed_clip stream layout speed_torch_argmax speed_compiled)
 steps=("${@:-${default_steps[@]}}")
 for name in "${steps[@]}"; do
@@ -51,11 +51,15 @@ step stream 60 "$py" benchmarks/stream_latency.py --device cuda --batch-size 8 -
 step layout 60 "$py" benchmarks/layout_speed.py --device cuda --dtype fp16 --batch-sizes 1 32 --repeats 5
 step speed_torch_argmax 45 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 1 8 32 \
     --frames 64 --paths fast --argmax-kernel torch --sections renderer --json "$out/speed_torch_argmax.json"
+step parity 45 "$py" benchmarks/speed.py --device cuda --dtypes fp32 fp16 bf16 --sections parity \
+    --json "$out/parity.json"
 # The anchor picks that half precision changes with the torch argmax (speed_kernel's parity rows: the kernel's).
 step parity_torch_argmax 45 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 --argmax-kernel torch \
     --sections parity --json "$out/parity_torch_argmax.json"
 step speed_compiled 170 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 1 32 --frames 64 \
     --paths fast compiled --compile-mode reduce-overhead --sections renderer --json "$out/speed_compiled.json"
+step speed_compiled_large 150 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 64 --frames 128 \
+    --paths compiled --compile-mode reduce-overhead --sections renderer --json "$out/speed_compiled_large.json"
 step clip_compiled 200 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 32 --paths fast compiled \
     --compile-mode reduce-overhead --sections clip --json "$out/clip_compiled.json"
 cat "$out/summary.txt"
