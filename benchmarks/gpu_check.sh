@@ -63,4 +63,5 @@ step speed_compiled_large 150 "$py" benchmarks/speed.py --device cuda --dtypes f
 step clip_compiled 200 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 32 --paths fast compiled \
     --compile-mode reduce-overhead --sections clip --json "$out/clip_compiled.json"
 cat "$out/summary.txt"
-tar -czf "$out/results.tar.gz" -C "$out" --exclude results.tar.gz .
+archive="$(mktemp)"  # outside $out: an archive written into the folder it reads changes under tar
+tar -czf "$archive" -C "$out" --exclude results.tar.gz . && mv "$archive" "$out/results.tar.gz"

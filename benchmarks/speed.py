@@ -497,12 +497,20 @@ def environment(device: torch.device) -> dict:
             env["triton"] = triton.__version__
         except ImportError:
             env["triton"] = None
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT,
-                                       capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        env["commit"] = None
+    env["commit"] = git_commit()
     return env
+
+
+def git_commit() -> str | None:
+    """HEAD's short hash, with "+changes" when tracked files differ from it (a copied working tree)."""
+    def git(*args):
+        return subprocess.run(["git", *args], check=False, cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return None if not commit else commit + ("+changes" if git("status", "--porcelain", "-uno") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def fmt(value, spec: str) -> str:
