@@ -212,15 +212,16 @@ def system_memory() -> int:
         return 0
 
 
-def auto_batch_size(bytes_per_frame: int, cap: int) -> int:
+def auto_batch_size(bytes_per_frame: int, cap: int, fixed_bytes: int = 0) -> int:
     """Frames to render at once when the user left it to us: 1 on a CPU (progress and Cancel per
-    frame, and no speed to gain), else what 80 % of the device's free memory holds, 1 to `cap`."""
+    frame, and no speed to gain), else what 80 % of the device's free memory holds after `fixed_bytes`
+    (workspaces needed at any batch size), 1 to `cap`."""
     device = compute_device()
     mm = _comfy("comfy.model_management")
     if device.type == "cpu" or mm is None:
         return 1
     free = int(mm.get_free_memory(device))
-    return max(1, min(cap, int(0.8 * free) // int(bytes_per_frame)))
+    return max(1, min(cap, (int(0.8 * free) - int(fixed_bytes)) // int(bytes_per_frame)))
 
 
 def compute_device() -> torch.device:

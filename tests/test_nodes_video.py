@@ -531,14 +531,26 @@ def test_frame_memory_budget_follows_the_device_and_precision(sub, monkeypatch):
     bridge = sub("nodes.bridge")
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert render.bytes_per_frame(cpu, torch.float16) == render.BYTES_PER_FRAME
-    assert render.bytes_per_frame(cuda, torch.float16) == render.bytes_per_frame(cuda, torch.bfloat16) == 192 << 20
-    assert render.bytes_per_frame(cuda, torch.float32) == 384 << 20
-    # 80 % of 8 GiB free on a GPU: 34 fp16 frames (capped at 32) instead of the CPU figure's 12.
+    assert render.fixed_bytes(cpu, torch.float32) == 0
+    assert render.bytes_per_frame(cuda, torch.float16) == render.bytes_per_frame(cuda, torch.bfloat16) == 96 << 20
+    assert render.bytes_per_frame(cuda, torch.float32) == 160 << 20
+    # The budgets cover the peaks measured on an H200 (weights included) at batch 32 and 64.
+    for dtype, peaks in ((torch.float16, {32: 2.75, 64: 4.84}), (torch.float32, {8: 5.79, 32: 6.09, 64: 9.44})):
+        for batch, peak_gib in peaks.items():
+            budget = render.fixed_bytes(cuda, dtype) + batch * render.bytes_per_frame(cuda, dtype)
+            assert budget >= peak_gib * 2**30, (dtype, batch)
+    # 80 % of 8 GiB free on a GPU: fp16 57 frames after its 1 GiB fixed part (capped at 32); fp32 5 after
+    # its 5.5 GiB; the CPU figure would give 12.
     fake_mm = types.SimpleNamespace(get_torch_device=lambda: cuda, get_free_memory=lambda device: 8 * 2**30)
     monkeypatch.setattr(bridge, "_comfy", lambda name: fake_mm if name == "comfy.model_management" else None)
-    assert bridge.auto_batch_size(render.bytes_per_frame(cuda, torch.float16), render.MAX_AUTO_BATCH) == 32
-    assert bridge.auto_batch_size(render.bytes_per_frame(cuda, torch.float32), render.MAX_AUTO_BATCH) == 17
+    fp16 = (render.bytes_per_frame(cuda, torch.float16), render.MAX_AUTO_BATCH, render.fixed_bytes(cuda, torch.float16))
+    fp32 = (render.bytes_per_frame(cuda, torch.float32), render.MAX_AUTO_BATCH, render.fixed_bytes(cuda, torch.float32))
+    assert bridge.auto_batch_size(*fp16) == 32
+    assert bridge.auto_batch_size(*fp32) == 5
     assert bridge.auto_batch_size(render.BYTES_PER_FRAME, render.MAX_AUTO_BATCH) == 12
+    # Less free memory than the fixed part: still one frame at a time (ComfyUI then offloads what it can).
+    fake_mm.get_free_memory = lambda device: 2 * 2**30
+    assert bridge.auto_batch_size(*fp32) == 1
 
 
 def test_render_with_auto_batch_size_renders_every_frame(pack, sub, renderer, monkeypatch):
