@@ -57,8 +57,9 @@ def _model_options(p: argparse.ArgumentParser, device_help: str = "auto, cpu, cu
                    help="auto = fp16 on CUDA, fp32 elsewhere")
     p.add_argument("--compile", default="off", choices=COMPILE_MODES,
                    help="torch.compile the renderer's frames and the generator's steps (off; default; "
-                        "reduce-overhead = CUDA graphs). The first batch compiles: tens of seconds on a GPU, "
-                        "minutes on a CPU; pays for long clips and many jobs on a GPU")
+                        "reduce-overhead = CUDA graphs, the fastest: a 10 s clip in 0.6 instead of 1.6 s on an "
+                        "H200). The first batch compiles: 40-80 s on a GPU, minutes on a CPU; pays for long "
+                        "clips and many jobs (`batch`) on a GPU")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 COMPILE_INPUT = (list(COMPILE_MODES), {
     "default": "off",
     "tooltip": "torch.compile the per-frame work (renderer) or the sampling steps (generator). The first run of "
-               "each batch size compiles (tens of seconds on a GPU, minutes on a CPU), later runs are faster; "
-               "reduce-overhead also records CUDA graphs. Worth it on a GPU for long clips or many runs; leave "
-               "off on the CPU."})
+               "each batch size compiles (40-80 s on a GPU, minutes on a CPU), later runs are faster. "
+               "reduce-overhead also records CUDA graphs and pays most: on an H200 in fp16 a frame takes "
+               "2.1 instead of 3.7 ms at batch 32 and 3.6 instead of 15 ms at batch 1, the generator's "
+               "steps 0.03 instead of 0.27 s for 10 s of audio. Worth it on a GPU for long clips or many "
+               "runs in one session; leave off on the CPU."})
 PRECISION_TOOLTIP = ("Weight precision. auto: ComfyUI's choice for the device (fp16 on GPUs that support it, "
                      "fp32 on the CPU). fp32 is the reference precision; fp16/bf16 halve the memory.")
 
