@@ -80,6 +80,27 @@ def test_without_the_bucket_a_short_batch_would_compile_again(tiny):
     torch.testing.assert_close(padded, unpadded, rtol=0, atol=1e-6)
 
 
+def test_suspended_runs_eagerly_and_keeps_the_compiled_code(tiny):
+    model, identity, motion = tiny
+    backend = RecordingBackend()
+    compiled.set_compile(model, "default", backend=backend)
+    render_frames(model, identity, motion, batch_size=2)
+    compiled_step = compiled.frames_step(model)
+    assert compiled_step is not compiled.eager_frames and len(backend.graphs) == 1
+    with compiled.suspended(model):
+        assert compiled.frames_step(model) is compiled.eager_frames
+        assert compiled.compile_mode(model) == "off"
+        render_frames(model, identity, motion, batch_size=2)
+    assert compiled.frames_step(model) is compiled_step  # the same compiled function: nothing to recompile
+    render_frames(model, identity, motion, batch_size=2)
+    assert len(backend.graphs) == 1
+    with pytest.raises(RuntimeError, match="inside"), compiled.suspended(model):
+        raise RuntimeError("inside")
+    assert compiled.frames_step(model) is compiled_step
+    with compiled.suspended(torch.nn.Linear(1, 1)):  # never compiled: nothing to hand back
+        pass
+
+
 def test_off_returns_to_eager_and_leaves_the_model_alone(tiny):
     model, identity, motion = tiny
     keys = {k: v.clone() for k, v in model.state_dict().items()}
