@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
-# One prepared run of every GPU-only check of issue 11, for a machine with one CUDA GPU (at most 9.5 minutes on
-# an H100). Results land in ${OUT:-gpu_results}/: the logs and
-# speed/stream JSON, and all of them in one results.tar.gz.
+# One prepared run of the GPU-only checks of issue 11, for a machine with one CUDA GPU. Results land in
+# ${OUT:-gpu_results}/: the logs and JSON of each step, and all of them in one results.tar.gz.
 #
-#   bash benchmarks/gpu_check.sh              # every step, from the repository root
+#   bash benchmarks/gpu_check.sh              # the default steps, from the repository root
 #   bash benchmarks/gpu_check.sh clip stream  # only these steps (names below)
 #
 # Needs torch with CUDA, triton, transformers, safetensors, einops and pytest, not PyAV/OpenCV/soundfile/soxr:
 # none of the steps reads or writes media, so the lent GPU machines' stock image runs it as it is.
 #
-# Order: correctness first (the CUDA-only tests: the Triton kernel against the torch code, the look-ahead
-# copy), then speed, most wanted first: the renderer per precision and batch size with the kernel, the whole
-# clip, the streaming latency and cold start, the synthesis layouts on CUDA, the torch argmax, and last
-# torch.compile "reduce-overhead" (the longest). Each step has its own time limit so that one hang costs
-# only itself; together they stay under 9.5 minutes.
+# Steps, run in this order (their names are the log and JSON names): the CUDA-only tests (the Triton kernel
+# against the torch code, the look-ahead copy); where a frame's time goes, eager and compiled (profile*); the
+# renderer per precision and batch size; the 10 s clip eager; the streaming latency and cold start; the
+# synthesis layouts on CUDA; the torch argmax; parity; torch.compile "reduce-overhead" alone; the clip
+# eager and compiled. Each
+# step has its own time limit so that one hang costs only itself; the default steps' limits add up to under
+# 10 minutes (about 5 in practice on an H200). benchmarks/results/2026-11-26-h200/ holds the last results.
 set -uo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
 all_steps=(cuda_tests speed_kernel speed_clip stream layout speed_torch_argmax parity parity_torch_argmax
-           speed_compiled speed_compiled_large clip_compiled)
-default_steps=(cuda_tests speed_kernel speed_clip stream layout speed_torch_argmax speed_compiled)
+           speed_compiled speed_compiled_large clip_compiled profile profile_compiled)
+default_steps=(cuda_tests profile profile_compiled speed_kernel clip_compiled)
 steps=("${@:-${default_steps[@]}}")
 for name in "${steps[@]}"; do
     [[ " ${all_steps[*]} " == *" $name "* ]] || { echo "unknown step $name; steps: ${all_steps[*]}"; exit 2; }
@@ -42,6 +43,10 @@ tests_copy="$(mktemp -d)"
 cp -r imtalker_core tests "$tests_copy"/
 step cuda_tests 60 env -C "$tests_copy" "$py" -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
     tests/test_anchor_argmax_triton.py tests/test_speed_paths.py tests/test_render_output.py tests/test_compiled.py
+step profile 60 "$py" benchmarks/profile_renderer.py --device cuda --dtype fp16 --batch-size 32 --batches 4 \
+    --json "$out/profile.json"
+step profile_compiled 150 "$py" benchmarks/profile_renderer.py --device cuda --dtype fp16 --batch-size 32 \
+    --batches 4 --compile reduce-overhead --json "$out/profile_compiled.json"
 step speed_kernel 120 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 fp32 tf32 --batch-sizes 1 8 32 64 \
     --frames 128 --repeats 2 --paths fast --sections anchor renderer parity --json "$out/speed_kernel.json"
 step speed_clip 60 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 16 32 --frames 64 \
