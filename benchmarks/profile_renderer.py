@@ -12,7 +12,7 @@ frames step the pipeline uses (`compiled.frames_step`), after `--warmup` untimed
 - modules (eager only): each module of the frames step (the identity-adaptive module, the motion decoder,
   the six transfer levels, every block of the synthesis network) timed by forward hooks, with CUDA events
   on a GPU (device time, in stream order) or the wall clock on a CPU; ms per frame and share of the step.
-  "(rest)" is the step's time outside these modules (the final conv, pixel shuffle and tanh among it).
+  "(rest)" is the step's time outside these modules (the final conv, pixel shuffle and sigmoid among it).
   Hooks add a little host time per module; on a GPU that hides behind the queued work.
 - kernels: `torch.profiler` over the same batches, the `--top` operators / kernels by device time (self
   time on a CPU), per frame. Under `--compile` (hooks cannot run inside a whole compiled graph) this is
