@@ -8,7 +8,6 @@ Images are `[B, 3, S, S]` float RGB in [0, 1] with S the renderer's size (512); 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -19,7 +18,7 @@ from . import compiled
 from .errors import IMTalkerError, InputError
 from .generator import MotionGenerator
 from .renderer import IMTRenderer
-from .precision import fp32_matmul
+from .precision import model_fp32
 from .sampling import NOISE_MODES
 from .validation import check_batch_size, check_cfg, check_control, check_seed, check_sequence, check_steps
 
@@ -123,11 +122,12 @@ def encode_identity(renderer: IMTRenderer, image: torch.Tensor, callback: Progre
     device, dtype = _model_place(renderer)
     image = image.to(device=device, dtype=dtype)
     stage = _Stages(3, callback, check_interrupt)
-    features, vector = stage(renderer.encode_identity, image)
-    motion = stage(renderer.encode_motion, image)
-    check_finite_output(torch.cat([vector.flatten(), motion.flatten()]), "identity of the source image",
-                        RENDERER_CAUSES)
-    maps = stage(lambda: renderer.decode_motion(renderer.adapt(motion, vector)))
+    with model_fp32(renderer):
+        features, vector = stage(renderer.encode_identity, image)
+        motion = stage(renderer.encode_motion, image)
+        check_finite_output(torch.cat([vector.flatten(), motion.flatten()]), "identity of the source image",
+                            RENDERER_CAUSES)
+        maps = stage(lambda: renderer.decode_motion(renderer.adapt(motion, vector)))
     return Identity(features, vector, motion, maps)
 
 
@@ -161,7 +161,8 @@ def encode_motion(renderer: IMTRenderer, images: torch.Tensor, batch_size: int =
         if check_interrupt is not None:
             check_interrupt()
         batch = images[start:start + batch_size].to(device=device, dtype=dtype)
-        out.append(renderer.encode_motion(batch).float())
+        with model_fp32(renderer):
+            out.append(renderer.encode_motion(batch).float())
         check_finite_output(out[-1], "motion of the driving frames", RENDERER_CAUSES)
         if callback is not None:
             callback(min(start + batch_size, images.shape[0]), images.shape[0])
@@ -194,11 +195,12 @@ def generate_motion(generator: MotionGenerator, audio_features: torch.Tensor, re
         raise InputError(f"noise={noise!r}: use one of {', '.join(NOISE_MODES)}")
     reference_motion = check_motion(torch.as_tensor(reference_motion).reshape(1, -1), cfg.motion_dim,
                                     "reference motion")
-    sample = generator.sample(
-        audio_features, reference_motion,
-        pose=check_control(pose, cfg.pose_dim, "pose"), cam=check_control(cam, cfg.cam_dim, "cam"),
-        gaze=check_control(gaze, cfg.gaze_dim, "gaze"), cfg_scale=cfg_scale, steps=steps,
-        seed=seed, noise=noise, noise_device=noise_device, callback=callback, check_interrupt=check_interrupt)
+    with model_fp32(generator):
+        sample = generator.sample(
+            audio_features, reference_motion,
+            pose=check_control(pose, cfg.pose_dim, "pose"), cam=check_control(cam, cfg.cam_dim, "cam"),
+            gaze=check_control(gaze, cfg.gaze_dim, "gaze"), cfg_scale=cfg_scale, steps=steps,
+            seed=seed, noise=noise, noise_device=noise_device, callback=callback, check_interrupt=check_interrupt)
     check_finite_output(sample, "generated motion", MOTION_CAUSES)
     return sample[0].float()
 
@@ -266,7 +268,7 @@ def prepare_render_source(renderer: IMTRenderer, identity: Identity, allow_tf32:
     transfer (key/value projections, pooled features, `IMTRenderer.prepare_source`), done once per render."""
     device, dtype = _model_place(renderer)
     identity = identity.to(device=device, dtype=dtype)
-    with _float32(dtype, device, allow_tf32):
+    with model_fp32(renderer, allow_tf32):
         source = renderer.prepare_source(identity.motion_maps, identity.features)
     return identity, source
 
@@ -319,7 +321,7 @@ def launch_batch(renderer: IMTRenderer, identity: Identity, source, latents: tor
     step = compiled.frames_step(renderer)
     # The TF32 switch is process-wide, so it covers the model calls only, never the caller's code that runs
     # between batches.
-    with _float32(dtype, device, allow_tf32):
+    with model_fp32(renderer, allow_tf32):
         if step is not compiled.eager_frames:
             # A copy: under "reduce-overhead" the output lives in the CUDA graph's memory until its next replay.
             frames = step(renderer, vector, source, latents)[:n].to(torch.float32, copy=True)
@@ -347,11 +349,6 @@ def to_uint8_tensor(frames: torch.Tensor) -> torch.Tensor:
     """Float frames in [0, 1] → uint8 0–255 on their own device, with `media.images.to_uint8`'s arithmetic
     (clip, ×255 in float32, round half to even), so both give the same bytes."""
     return frames.float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
-
-
-def _float32(dtype: torch.dtype, device: torch.device, allow_tf32: bool):
-    """True float32 on CUDA for a float32 model (no TF32 unless `allow_tf32`); nothing otherwise."""
-    return fp32_matmul(allow_tf32, device) if dtype == torch.float32 else contextlib.nullcontext()
 
 
 def render_frames(renderer: IMTRenderer, identity: Identity, motion: torch.Tensor, batch_size: int = 4,

@@ -60,6 +60,7 @@ from .generator import MotionGenerator
 from .generator.audio import AudioEncoder
 from .pipeline import (MOTION_CAUSES, Identity, _model_place, check_finite_output, check_motion,
                        prepare_render_source, render_batch)
+from .precision import model_fp32
 from .renderer import IMTRenderer
 from .renderer.model import SourceCache
 from .sampling import NOISE_MODES
@@ -377,8 +378,9 @@ def stream_frames(renderer: IMTRenderer, generator: MotionGenerator, audio_encod
             features = audio_encoder(wave.to(device), window_frames=audio_window_frames)
             _check_features(features, gcfg.audio_dim)
             total = features.shape[1]
-            audio_emb, others_emb = generator.embed_controls(features.to(next(generator.parameters())),
-                                                             **controls)
+            with model_fp32(generator):
+                audio_emb, others_emb = generator.embed_controls(features.to(next(generator.parameters())),
+                                                                 **controls)
             timings.audio_s = clock.now() - mark
             spans = ((f, None) for f in range(0, total, gcfg.window_frames))
         else:
@@ -396,15 +398,17 @@ def stream_frames(renderer: IMTRenderer, generator: MotionGenerator, audio_encod
             record = WindowTiming(index, n)
             if window_features is not None:  # chunked: this window's features and embeddings
                 _check_features(window_features, gcfg.audio_dim)
-                a_w, o_w = generator.embed_controls(
-                    window_features.to(next(generator.parameters())),
-                    **{k: _window_controls(v, first, n) for k, v in controls.items()})
+                with model_fp32(generator):
+                    a_w, o_w = generator.embed_controls(
+                        window_features.to(next(generator.parameters())),
+                        **{k: _window_controls(v, first, n) for k, v in controls.items()})
                 after_audio = clock.now()
                 record.audio_s = after_audio - mark
                 mark = after_audio
             else:
                 a_w, o_w = audio_emb[:, first:first + n], others_emb[:, first:first + n]
-            motion = sampler.step(a_w, o_w, step_callback)
+            with model_fp32(generator):  # per call: the flags are process-wide, and this generator yields
+                motion = sampler.step(a_w, o_w, step_callback)
             check_finite_output(motion, "generated motion", MOTION_CAUSES)
             batches.add(motion[0].float())
             after_motion = clock.now()

@@ -30,6 +30,7 @@ from torch import nn
 from .. import timing
 from ..errors import CheckpointError
 from ..model_files import WAV2VEC2_FIX, MissingFilesError
+from ..precision import model_fp32
 
 log = logging.getLogger(__name__)
 
@@ -191,12 +192,13 @@ class AudioEncoder(nn.Module):
         if n < target:
             log.debug("padding %d audio samples to %d (%d frames) by repeating the last sample", n, target, total)
             x = F.pad(x[:, None], (0, target - n), mode="replicate")[:, 0]
-        cnn = self._cnn_features(x).transpose(1, 2)  # [B, L, 512] at ~50 Hz
-        cnn = F.interpolate(cnn.transpose(1, 2), size=total, mode="linear", align_corners=True).transpose(1, 2)
-        hidden, _ = self.wav2vec2.feature_projection(cnn)
-        if window_frames is None or total <= window_frames:
-            return self._transformer(hidden)
-        return self._windowed(hidden, window_frames, overlap_frames, callback)
+        with model_fp32(self):  # fp32 weights on CUDA: true float32 unless TF32 was allowed for this model
+            cnn = self._cnn_features(x).transpose(1, 2)  # [B, L, 512] at ~50 Hz
+            cnn = F.interpolate(cnn.transpose(1, 2), size=total, mode="linear", align_corners=True).transpose(1, 2)
+            hidden, _ = self.wav2vec2.feature_projection(cnn)
+            if window_frames is None or total <= window_frames:
+                return self._transformer(hidden)
+            return self._windowed(hidden, window_frames, overlap_frames, callback)
 
     def _cnn_features(self, x: torch.Tensor, chunk_frames: int = 1500) -> torch.Tensor:
         """The convolutional feature encoder on `[B, S]` audio → `[B, C, L]`, in bounded memory."""
