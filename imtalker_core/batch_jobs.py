@@ -719,11 +719,11 @@ def run_job(models: runner.Models, job: Job, device: str) -> Path:
 def run_batch(jobs_csv: str | os.PathLike, *, models_dir: str | os.PathLike | None = None, device: str = "auto",
               dtype: torch.dtype | None = None, download: bool = True, overwrite: bool = False,
               resume: bool = False, report: str | os.PathLike | None = None,
-              launch: Launch | None = None, compile_mode: str = "off") -> int:
+              launch: Launch | None = None, compile_mode: str = "off", allow_tf32: bool = False) -> int:
     """Run every job of `jobs_csv` in this process and its launch siblings (see the module docstring).
 
-    dtype None: float16 on CUDA, float32 elsewhere. `launch` None: from the environment. `compile_mode`: see
-    `runner.load_models` (compiled once per process, reused by every job). Returns the exit
+    dtype None: float16 on CUDA, float32 elsewhere. `launch` None: from the environment. `compile_mode` and
+    `allow_tf32`: see `runner.load_models` (compiled once per process, reused by every job). Returns the exit
     status: 1 when any job of the run failed, else 0. The list and the settings are checked before any model
     loads (`InputError`)."""
     jobs = read_jobs(jobs_csv)
@@ -743,7 +743,8 @@ def run_batch(jobs_csv: str | os.PathLike, *, models_dir: str | os.PathLike | No
             pending = [job for job, done in zip(jobs, finished) if not done]
             records = [_record(job, "skipped", launch.rank) for i, (job, done) in enumerate(zip(jobs, finished))
                        if done and i % launch.world_size == launch.rank]
-            models = _load_models(pending, models_dir, device, dtype, download, launch, group, compile_mode)
+            models = _load_models(pending, models_dir, device, dtype, download, launch, group, compile_mode,
+                                  allow_tf32)
             log.info("%s%d jobs, %d with an output already; rendering on %s", tag, len(jobs),
                      len(jobs) - len(pending), device)
             for index in claim_order(len(pending), launch.rank, launch.world_size):
@@ -768,7 +769,7 @@ def run_batch(jobs_csv: str | os.PathLike, *, models_dir: str | os.PathLike | No
 
 
 def _load_models(pending: Sequence[Job], models_dir, device: str, dtype: torch.dtype, download: bool,
-                 launch: Launch, group: _Group, compile_mode: str) -> runner.Models | None:
+                 launch: Launch, group: _Group, compile_mode: str, allow_tf32: bool) -> runner.Models | None:
     """The models the pending jobs need, loaded once; the first process of each machine downloads missing files
     while the others wait. Every process passes the same barriers, whatever it loads."""
     if pending and (launch.local_rank == 0 or not download):
@@ -781,7 +782,7 @@ def _load_models(pending: Sequence[Job], models_dir, device: str, dtype: torch.d
         if device == "cpu" and dtype != torch.float32:
             log.warning("%s on the CPU is usually much slower than float32 and less exact", dtype)
         models = runner.load_models(models_dir, device, dtype, audio=any(j.kind == AUDIO for j in pending),
-                                    download=False, compile_mode=compile_mode)
+                                    download=False, compile_mode=compile_mode, allow_tf32=allow_tf32)
     group.barrier()
     return models
 

@@ -16,6 +16,8 @@ from .validation import MAX_STEPS, MIN_STEPS, check_device
 log = logging.getLogger("imtalker_core.cli")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: `--precision` values besides "auto": "tf32" is float32 weights with TF32 allowed on CUDA.
+PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _device(name: str) -> str:
@@ -31,7 +33,7 @@ def _device(name: str) -> str:
 def _dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
-    return DTYPES[name]
+    return PRECISIONS[name]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -53,8 +55,10 @@ def _model_options(p: argparse.ArgumentParser, device_help: str = "auto, cpu, cu
                    help=f"models folder (default: {model_files.default_models_dir()})")
     p.add_argument("--no-download", action="store_true", help="never download missing model files")
     p.add_argument("--device", default="auto", help=device_help)
-    p.add_argument("--precision", default="auto", choices=["auto", *DTYPES],
-                   help="auto = fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                   help="auto = fp16 on CUDA, fp32 elsewhere. fp32 is true float32 (the reference's frames); tf32 "
+                        "= fp32 with TF32 on NVIDIA GPUs (1.4x faster than fp32 on an H200, frames 58.8 dB from "
+                        "the reference's; fp16 54 dB)")
     p.add_argument("--compile", default="off", choices=COMPILE_MODES,
                    help="torch.compile the renderer's frames and the generator's steps (off; default; "
                         "reduce-overhead = CUDA graphs, the fastest: a 10 s clip in 0.6 instead of 1.6 s on an "
@@ -231,9 +235,9 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "batch":
         from .batch_jobs import run_batch
 
-        return run_batch(args.jobs, models_dir=args.models, device=args.device, dtype=DTYPES.get(args.precision),
+        return run_batch(args.jobs, models_dir=args.models, device=args.device, dtype=PRECISIONS.get(args.precision),
                          download=not args.no_download, overwrite=args.overwrite, resume=args.resume,
-                         report=args.report, compile_mode=args.compile)
+                         report=args.report, compile_mode=args.compile, allow_tf32=args.precision == "tf32")
     if args.command == "models":
         root = args.models or model_files.default_models_dir()
         if args.download:
@@ -270,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         runner.check_video_job(args.image, args.driving, args.output, crop, batch_size=args.batch_size)
     models = runner.load_models(args.models, device, dtype, audio=args.command == "audio",
-                                download=not args.no_download, compile_mode=args.compile)
+                                download=not args.no_download, compile_mode=args.compile,
+                                allow_tf32=args.precision == "tf32")
     bars = _Bars()
     try:
         if stream_output is not None:

@@ -32,6 +32,7 @@ from .media.video import BackgroundWriter, VideoWriter, check_output_path, read_
 from .motion_edit import relative_motion
 from .timing import frame_count
 from .pipeline import encode_identity, encode_motion, generate_motion, render_batches
+from .precision import set_allow_tf32
 from .renderer import IMTRenderer
 
 log = logging.getLogger(__name__)
@@ -49,21 +50,25 @@ class Models:
 
 def load_models(models_dir: str | os.PathLike | None = None, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, audio: bool = True, download: bool = True,
-                compile_mode: str = "off") -> Models:
+                compile_mode: str = "off", allow_tf32: bool = False) -> Models:
     """Load the renderer and, for audio-driven work, the generator and wav2vec2 from a models folder.
 
     The generator file is read once; wav2vec2 uses its copy of the wav2vec2 weights when it carries
     one, as the reference does (see `checkpoints.load_generator_and_audio_encoder`). `compile_mode`
-    (`compiled.COMPILE_MODES`) compiles the renderer's frames and the generator's steps at first use."""
+    (`compiled.COMPILE_MODES`) compiles the renderer's frames and the generator's steps at first use.
+    `allow_tf32` lets float32 models use TF32 on CUDA (`precision.set_allow_tf32`); otherwise fp32 is fp32."""
     compile_mode = compiled.check_compile_mode(compile_mode)
     root = model_files.ensure_models(models_dir, download=download)
     renderer = load_renderer(model_files.model_path(root, model_files.RENDERER_FILE), device, dtype)
     compiled.set_compile(renderer, compile_mode)
+    set_allow_tf32(renderer, allow_tf32)
     if not audio:
         return Models(renderer)
     generator, encoder = load_generator_and_audio_encoder(model_files.model_path(root, model_files.GENERATOR_FILE),
                                                           root / model_files.WAV2VEC2_DIR, device, dtype)
     compiled.set_compile(generator, compile_mode)
+    for model in (generator, encoder):
+        set_allow_tf32(model, allow_tf32)
     return Models(renderer, generator, encoder)
 
 

@@ -34,13 +34,13 @@ CHECKPOINT_EXTENSIONS = (".ckpt", ".pt", ".pth", ".safetensors")
 WAV2VEC2_MARKER = "config.json"
 MODELS_ENV = "IMTALKER_MODELS_DIR"
 OUTPUT_ENV = "IMTALKER_OUTPUT_DIR"
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
 OFFICIAL_FILES_HELP = (
     "Download the official IMTalker files from https://huggingface.co/cbsjtu01/IMTalker into "
     "ComfyUI/models/imtalker/: renderer.ckpt, generator.ckpt and the folder wav2vec2-base-960h/ with "
     "config.json, pytorch_model.bin and preprocessor_config.json (then refresh the browser page).")
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _standalone_logged = False
 
 
@@ -243,7 +243,8 @@ def intermediate_device() -> torch.device:
 
 
 def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The weight dtype for `precision` ('auto' | 'fp32' | 'fp16' | 'bf16') on `device`.
+    """The weight dtype for `precision` ('auto' | 'fp32' | 'tf32' | 'fp16' | 'bf16') on `device` ('tf32':
+    float32 weights; the loaders let them use TF32, `precision.set_allow_tf32`).
 
     'auto' is ComfyUI's choice for the device: fp16 where `should_use_fp16` says it is
     supported and fast (CUDA, MPS, ...), otherwise fp32 (always on the CPU).

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..imtalker_core import load_generator_and_audio_encoder, load_renderer
 from ..imtalker_core import model_files
 from ..imtalker_core.compiled import COMPILE_MODES, set_compile
+from ..imtalker_core.precision import set_allow_tf32
 from . import bridge
 from .types import GENERATOR, RENDERER, GeneratorModels
 
@@ -27,7 +28,9 @@ COMPILE_INPUT = (list(COMPILE_MODES), {
                "steps 0.03 instead of 0.27 s for 10 s of audio. Worth it on a GPU for long clips or many "
                "runs in one session; leave off on the CPU."})
 PRECISION_TOOLTIP = ("Weight precision. auto: ComfyUI's choice for the device (fp16 on GPUs that support it, "
-                     "fp32 on the CPU). fp32 is the reference precision; fp16/bf16 halve the memory.")
+                     "fp32 on the CPU). fp32 is true float32, the reference's frames. tf32: fp32 weights with "
+                     "TF32 math on NVIDIA GPUs, 1.4x faster than fp32 (H200), frames 58.8 dB from the "
+                     "reference's. fp16/bf16 halve the memory and are fastest (fp16 54 dB, bf16 44 dB).")
 
 
 DOWNLOAD_INPUT = ("BOOLEAN", {
@@ -102,6 +105,7 @@ class IMTalkerLoadRenderer:
         log.info("loading IMTalker renderer %s as %s", path, dtype)
         module = load_renderer(path, device=bridge.offload_device(), dtype=dtype)
         set_compile(module, compile)
+        set_allow_tf32(module, precision == "tf32")
         return (bridge.manage_model(module, renderer_name, dtype),)
 
 
@@ -164,5 +168,7 @@ class IMTalkerLoadGenerator:
         generator, encoder = load_generator_and_audio_encoder(path, folder, device=bridge.offload_device(),
                                                               dtype=dtype, use_ema=use_ema)
         set_compile(generator, compile)
+        for model in (generator, encoder):
+            set_allow_tf32(model, precision == "tf32")
         return (GeneratorModels(bridge.manage_model(generator, generator_name, dtype),
                                 bridge.manage_model(encoder, wav2vec2_folder, dtype)),)

@@ -9,6 +9,7 @@ import torch
 
 from imtalker_core import cli, runner
 from imtalker_core.errors import InputError
+from imtalker_core.precision import allows_tf32
 
 FPS = 25
 
@@ -111,6 +112,25 @@ def test_crop_driving_flag(tmp_path, monkeypatch, media_dir):
     assert captured.pop("crop").crop_driving is False
     assert cli.main(base + ["--crop-driving"]) == 0
     assert captured.pop("crop").crop_driving is True
+
+
+def test_precision_tf32_loads_float32_models_allowed_tf32(tmp_path, monkeypatch, media_dir, standin_dir):
+    loaded = {}
+
+    def load_models(*args, **kwargs):
+        loaded["models"] = real_load(standin_dir, *args[1:], **{**kwargs, "download": False})
+        loaded["dtype"] = args[2]
+        return loaded["models"]
+
+    real_load = runner.load_models
+    monkeypatch.setattr(runner, "load_models", load_models)
+    monkeypatch.setattr(runner, "video_to_video", lambda models, image, driving, output, crop, **kwargs: output)
+    base = ["video", str(media_dir / "photo_512.png"), str(media_dir / "driving_short.mp4"), "-o",
+            str(tmp_path / "out.mp4"), "--device", "cpu"]
+    assert cli.main(base + ["--precision", "tf32"]) == 0
+    assert loaded["dtype"] == torch.float32 and allows_tf32(loaded["models"].renderer)
+    assert cli.main(base + ["--precision", "fp32"]) == 0
+    assert loaded["dtype"] == torch.float32 and not allows_tf32(loaded["models"].renderer)
 
 
 def test_missing_models_name_the_files(tmp_path, media_dir, speech_excerpt, caplog):

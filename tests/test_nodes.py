@@ -357,6 +357,18 @@ def test_loaders_build_managed_models(renderer, generator):
     assert generator.audio_encoder.module.sample_rate == 16000
 
 
+def test_precision_tf32_loads_float32_models_allowed_tf32(pack, sub, env_dirs, renderer, generator):
+    precision = sub("imtalker_core.precision")
+    assert not precision.allows_tf32(renderer.module)  # "auto" on the CPU: fp32, true float32
+    assert not precision.allows_tf32(generator.generator.module)
+    (tf32,) = run(pack, "IMTalkerLoadRenderer", renderer_name="renderer.ckpt", precision="tf32")
+    assert tf32.dtype == torch.float32 and precision.allows_tf32(tf32.module)
+    (models,) = run(pack, "IMTalkerLoadGenerator", generator_name="generator.ckpt",
+                    wav2vec2_folder="wav2vec2-base-960h", precision="tf32", use_ema=False)
+    assert all(precision.allows_tf32(m.module) for m in (models.generator, models.audio_encoder))
+    assert models.generator.dtype == torch.float32
+
+
 def test_renderer_loader_names_a_swapped_file(pack, sub, env_dirs):
     errors = sub("imtalker_core.errors")
     with pytest.raises(errors.CheckpointError, match="generator"):
