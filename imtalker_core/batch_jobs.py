@@ -71,7 +71,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import model_files, runner
+from . import model_files, render_memory, runner
 from .compiled import check_compile_mode
 from .controls.sequence import FIT_MODES
 from .errors import IMTalkerError, InputError
@@ -97,7 +97,7 @@ class Option:
 
 #: Per-row options, named as the `audio`/`video` command-line options (argparse's names).
 OPTIONS: dict[str, Option] = {
-    "batch_size": Option("int", 4),
+    "batch_size": Option("int", 0),  # 0: what the process's device holds (render_memory.auto_batch_size)
     "no_crop": Option("flag", False),
     "crop_scale": Option("float", 1.6),
     "center_crop_if_no_face": Option("flag", False),
@@ -313,7 +313,7 @@ def _option_value(name: str, option: Option, cell: str, folder: Path) -> Any:
 
 def _check_settings(kind: str, options: Mapping[str, Any]) -> list[str]:
     """The numbers' ranges and the crop settings, as the commands check them."""
-    checks = [lambda: check_batch_size(options["batch_size"], "batch_size"),
+    checks = [lambda: options["batch_size"] == 0 or check_batch_size(options["batch_size"], "batch_size"),
               lambda: runner.check_crop(_crop_settings(options))]
     if kind == AUDIO:
         checks += [lambda: check_seed(options["seed"]), lambda: check_steps(options["steps"]),
@@ -705,7 +705,9 @@ def write_report(path: Path, records: Sequence[JobRecord]) -> None:
 
 def run_job(models: runner.Models, job: Job, device: str) -> Path:
     """Render one job with loaded `models` (the audio models for audio rows); returns the output path."""
-    o = job.options
+    o = dict(job.options)
+    if o["batch_size"] == 0:
+        o["batch_size"] = render_memory.auto_batch_size(device, next(models.renderer.parameters()).dtype)
     if job.kind == AUDIO:
         controls = {name: runner.load_controls(o[name], width, name) for name, width in _CONTROL_WIDTHS.items()}
         return runner.audio_to_video(models, job.image, job.driver, job.output, job.crop(), seed=o["seed"],

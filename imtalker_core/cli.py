@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from . import model_files
+from . import model_files, render_memory
 from .compiled import COMPILE_MODES
 from .errors import IMTalkerError
 from .sampling import NOISE_MODES
@@ -16,6 +16,8 @@ from .validation import MAX_STEPS, MIN_STEPS, check_device
 log = logging.getLogger("imtalker_core.cli")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Most frames an automatic batch of a stream holds: larger batches would hold frames back longer.
+STREAM_AUTO_BATCH = 8
 #: `--precision` values besides "auto": "tf32" is float32 weights with TF32 allowed on CUDA.
 PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,11 +38,24 @@ def _dtype(name: str, device: str) -> torch.dtype:
     return PRECISIONS[name]
 
 
+def _auto_batch_size(args: argparse.Namespace, device: str, dtype: torch.dtype) -> int:
+    """`--batch-size 0`: what the device holds once the models are on it (`render_memory.auto_batch_size`)."""
+    audio = args.command == "audio"
+    size = render_memory.auto_batch_size(device, dtype, reserve_bytes=render_memory.weight_bytes(dtype, audio))
+    if audio and args.stream:
+        size = min(size, STREAM_AUTO_BATCH)
+    log.info("rendering %d frame(s) at a time (--batch-size 0 = auto)", size)
+    return size
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", type=Path, help="source portrait (any common image format)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .mp4 path")
     _model_options(p)
-    p.add_argument("--batch-size", type=int, default=4, help="frames rendered at once")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="frames rendered at once; 0 (default) = auto: 4 on a CPU, on a GPU as many as its free "
+                        f"memory holds, up to {render_memory.MAX_AUTO_BATCH} (with --stream up to "
+                        f"{STREAM_AUTO_BATCH}, so that frames keep coming)")
     p.add_argument("--no-crop", action="store_true", help="use the whole image instead of a face crop")
     p.add_argument("--crop-scale", type=float, default=1.6, help="crop side = scale × detected face box")
     p.add_argument("--center-crop-if-no-face", action="store_true",
@@ -251,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
     if device == "cpu" and dtype != torch.float32:
         log.warning("--precision %s on the CPU is usually much slower than fp32 and less exact; use fp32",
                     args.precision)
+    if args.batch_size == 0:
+        args.batch_size = _auto_batch_size(args, device, dtype)
     crop = runner.CropSettings(crop=not args.no_crop, scale=args.crop_scale,
                                on_no_face="center" if args.center_crop_if_no_face else "error",
                                paste_back=args.paste_back, feather=args.feather,

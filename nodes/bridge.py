@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..imtalker_core import render_memory
 from ..imtalker_core.errors import InputError
 from .types import ManagedModel
 
@@ -220,8 +221,7 @@ def auto_batch_size(bytes_per_frame: int, cap: int, fixed_bytes: int = 0) -> int
     mm = _comfy("comfy.model_management")
     if device.type == "cpu" or mm is None:
         return 1
-    free = int(mm.get_free_memory(device))
-    return max(1, min(cap, (int(0.8 * free) - int(fixed_bytes)) // int(bytes_per_frame)))
+    return render_memory.batch_that_fits(int(mm.get_free_memory(device)), bytes_per_frame, fixed_bytes, cap)
 
 
 def compute_device() -> torch.device:

@@ -10,6 +10,7 @@ import torch
 from ..imtalker_core.errors import InputError
 from ..imtalker_core.media.face import CropBox
 from ..imtalker_core.media.video import BackgroundWriter, VideoWriter
+from ..imtalker_core import render_memory
 from ..imtalker_core.pipeline import Identity, render_batches
 from . import bridge
 from .face import PAD_TO_EVEN_INPUT, check_originals, even_canvas, fill_even_padding, paste_into
@@ -17,46 +18,22 @@ from .types import CROP, IDENTITY, MOTION, RENDERER, ManagedModel, Motion
 
 log = logging.getLogger(__name__)
 
-# Activation memory budget per 512² frame, so ComfyUI frees room for a batch besides the weights
-# when it loads the renderer. On the CPU in fp32, rendering a batch of 2 raised peak memory by about
-# 650 MiB over the loaded model (so ~325 MiB a frame); 512 MiB leaves headroom for allocator slack.
-BYTES_PER_FRAME = 512 * 1024 * 1024
-# On a GPU, from the peak GPU memory (weights included) measured on an H200, eager, at batch 1/8/32/64
-# (README, On one GPU): fp16/bf16 0.86/1.57/2.75/4.84 GiB → 67 MiB a frame over a fixed ~0.7–1 GiB; fp32
-# 1.30/5.79/6.09/9.44 GiB → 107 MiB a frame over up to 5.3 GiB (float32 convolutions take large cuDNN
-# workspaces even at small batches). Budgets: the slope × 1.5, and the largest fixed part seen.
-GPU_BYTES_PER_FRAME = {torch.float16: 96 << 20, torch.bfloat16: 96 << 20, torch.float32: 160 << 20}
-GPU_FIXED_BYTES = {torch.float16: 1 << 30, torch.bfloat16: 1 << 30, torch.float32: 11 << 29}
-
-
-def bytes_per_frame(device: torch.device, dtype: torch.dtype) -> int:
-    """The activation memory one rendered frame is budgeted on `device` for a renderer in `dtype`."""
-    if device.type == "cuda":
-        return GPU_BYTES_PER_FRAME.get(dtype, BYTES_PER_FRAME)
-    return BYTES_PER_FRAME
-
-
-def fixed_bytes(device: torch.device, dtype: torch.dtype) -> int:
-    """Memory a render needs on `device` beside the weights whatever the batch (workspaces): 0 on a CPU."""
-    return GPU_FIXED_BYTES.get(dtype, 0) if device.type == "cuda" else 0
-
-
 BATCH_SIZE_INPUT = ("INT", {
     "default": 0, "min": 0, "max": 64,
     "tooltip": "Frames rendered at once. 0 = auto: 1 on the CPU (the bar and Cancel then act on every frame), "
                "on a GPU as many as its free memory holds (up to 32). Higher is faster until memory runs out."})
-#: Most frames an automatic batch holds: beyond this a GPU renders hardly faster (H200, fp16: 267 frames/s at
-#: 32, 274 at 64).
-MAX_AUTO_BATCH = 32
 
 
 def _render_setup(renderer: ManagedModel, motion: Motion, batch_size: int):
     """Load the renderer for `batch_size` frames (0: chosen by `bridge.auto_batch_size`);
     returns (module, progress, batch size)."""
     device = bridge.compute_device()
-    per_frame, fixed = bytes_per_frame(device, renderer.dtype), fixed_bytes(device, renderer.dtype)
+    # The budgets are measured (imtalker_core.render_memory); on the CPU the nodes render one frame at a
+    # time (bridge.auto_batch_size), so the bar and Cancel act on every frame.
+    per_frame = render_memory.bytes_per_frame(device, renderer.dtype)
+    fixed = render_memory.fixed_bytes(device, renderer.dtype)
     if batch_size == 0:
-        batch_size = bridge.auto_batch_size(per_frame, MAX_AUTO_BATCH, fixed)
+        batch_size = bridge.auto_batch_size(per_frame, render_memory.MAX_AUTO_BATCH, fixed)
         log.info("IMTalker: rendering %d frame(s) at a time (batch_size 0 = auto)", batch_size)
     module = bridge.ensure_loaded(renderer, memory_required=fixed + batch_size * per_frame)
     return module, bridge.Progress(motion.frames, "rendering frames"), batch_size

@@ -527,30 +527,31 @@ def test_auto_batch_size_is_one_on_the_cpu_and_fits_free_gpu_memory(sub, monkeyp
 
 
 def test_frame_memory_budget_follows_the_device_and_precision(sub, monkeypatch):
-    render = sub("nodes.render")
+    memory = sub("imtalker_core.render_memory")
     bridge = sub("nodes.bridge")
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert render.bytes_per_frame(cpu, torch.float16) == render.BYTES_PER_FRAME
-    assert render.fixed_bytes(cpu, torch.float32) == 0
-    assert render.bytes_per_frame(cuda, torch.float16) == render.bytes_per_frame(cuda, torch.bfloat16) == 96 << 20
-    assert render.bytes_per_frame(cuda, torch.float32) == 160 << 20
+    assert memory.bytes_per_frame(cpu, torch.float16) == memory.CPU_BYTES_PER_FRAME
+    assert memory.fixed_bytes(cpu, torch.float32) == 0
+    assert memory.bytes_per_frame(cuda, torch.float16) == memory.bytes_per_frame(cuda, torch.bfloat16) == 96 << 20
+    assert memory.bytes_per_frame(cuda, torch.float32) == 160 << 20
     # The budgets cover the peaks measured on an H200 (weights included) at batch 32 and 64.
     for dtype, peaks in ((torch.float16, {32: 2.75, 64: 4.84}), (torch.float32, {8: 5.79, 32: 6.09, 64: 9.44})):
         for batch, peak_gib in peaks.items():
-            budget = render.fixed_bytes(cuda, dtype) + batch * render.bytes_per_frame(cuda, dtype)
+            budget = memory.fixed_bytes(cuda, dtype) + batch * memory.bytes_per_frame(cuda, dtype)
             assert budget >= peak_gib * 2**30, (dtype, batch)
     # 80 % of 8 GiB free on a GPU: fp16 57 frames after its 1 GiB fixed part (capped at 32); fp32 5 after
-    # its 5.5 GiB; the CPU figure would give 12.
+    # its 5.5 GiB; the CPU figure would give 12. The nodes and the core's own count agree.
     fake_mm = types.SimpleNamespace(get_torch_device=lambda: cuda, get_free_memory=lambda device: 8 * 2**30)
     monkeypatch.setattr(bridge, "_comfy", lambda name: fake_mm if name == "comfy.model_management" else None)
-    fp16 = (render.bytes_per_frame(cuda, torch.float16), render.MAX_AUTO_BATCH, render.fixed_bytes(cuda, torch.float16))
-    fp32 = (render.bytes_per_frame(cuda, torch.float32), render.MAX_AUTO_BATCH, render.fixed_bytes(cuda, torch.float32))
-    assert bridge.auto_batch_size(*fp16) == 32
-    assert bridge.auto_batch_size(*fp32) == 5
-    assert bridge.auto_batch_size(render.BYTES_PER_FRAME, render.MAX_AUTO_BATCH) == 12
+    for dtype, expected in ((torch.float16, 32), (torch.float32, 5)):
+        budget = (memory.bytes_per_frame(cuda, dtype), memory.MAX_AUTO_BATCH, memory.fixed_bytes(cuda, dtype))
+        assert bridge.auto_batch_size(*budget) == expected
+        assert memory.frames_that_fit(8 * 2**30, cuda, dtype) == expected
+    assert bridge.auto_batch_size(memory.CPU_BYTES_PER_FRAME, memory.MAX_AUTO_BATCH) == 12
     # Less free memory than the fixed part: still one frame at a time (ComfyUI then offloads what it can).
     fake_mm.get_free_memory = lambda device: 2 * 2**30
-    assert bridge.auto_batch_size(*fp32) == 1
+    assert bridge.auto_batch_size(*budget) == 1
+    assert memory.frames_that_fit(2 * 2**30, cuda, torch.float32) == 1
 
 
 def test_render_with_auto_batch_size_renders_every_frame(pack, sub, renderer, monkeypatch):

@@ -1,0 +1,69 @@
+"""How much memory rendering takes, and how many frames to render at once when the user leaves it to us.
+
+The budgets are measured (README, Benchmarks):
+- CPU, fp32: a batch of 2 raised peak memory by about 650 MiB over the loaded model (~325 MiB a frame);
+  512 MiB a frame leaves room for allocator slack.
+- CUDA, from the peak GPU memory (weights included) on an H200, eager, at batch 1/8/32/64: fp16/bf16
+  0.86/1.57/2.75/4.84 GiB → 67 MiB a frame over a fixed ~0.7–1 GiB; fp32 1.30/5.79/6.09/9.44 GiB → 107 MiB
+  a frame over up to 5.3 GiB (float32 convolutions take large cuDNN workspaces even at small batches).
+  Budgets: the slope × 1.5, and the largest fixed part seen.
+"""
+from __future__ import annotations
+
+import torch
+
+CPU_BYTES_PER_FRAME = 512 << 20
+GPU_BYTES_PER_FRAME = {torch.float16: 96 << 20, torch.bfloat16: 96 << 20, torch.float32: 160 << 20}
+GPU_FIXED_BYTES = {torch.float16: 1 << 30, torch.bfloat16: 1 << 30, torch.float32: 11 << 29}
+#: Most frames an automatic batch holds: beyond this a GPU renders hardly faster (H200, fp16: 267 frames/s at
+#: 32, 274 at 64).
+MAX_AUTO_BATCH = 32
+#: The automatic batch on a CPU (or MPS) for whole clips: batch size barely changes a CPU's speed (1.07 vs 1.09
+#: s/frame at 1 and 2), and 4 frames keep the memory moderate.
+CPU_AUTO_BATCH = 4
+#: The share of free device memory an automatic batch may plan on.
+FREE_SHARE = 0.8
+#: Parameters of the official models (renderer 124 M; generator 39 M and wav2vec2-base 95 M for audio).
+RENDERER_PARAMETERS, AUDIO_MODEL_PARAMETERS = 124_000_000, 134_000_000
+
+
+def bytes_per_frame(device: torch.device | str, dtype: torch.dtype) -> int:
+    """The activation memory one rendered 512² frame is budgeted on `device` for a renderer in `dtype`."""
+    if torch.device(device).type == "cuda":
+        return GPU_BYTES_PER_FRAME.get(dtype, CPU_BYTES_PER_FRAME)
+    return CPU_BYTES_PER_FRAME
+
+
+def fixed_bytes(device: torch.device | str, dtype: torch.dtype) -> int:
+    """Memory a render needs on `device` beside the weights whatever the batch (workspaces): 0 on a CPU."""
+    return GPU_FIXED_BYTES.get(dtype, 0) if torch.device(device).type == "cuda" else 0
+
+
+def batch_that_fits(free_bytes: int, per_frame: int, fixed: int = 0, cap: int = MAX_AUTO_BATCH) -> int:
+    """Frames per batch that `FREE_SHARE` of `free_bytes` holds after `fixed` bytes, `per_frame` each: 1 to
+    `cap` (1 also when not even one fits: the caller's memory manager may still free room)."""
+    return max(1, min(cap, (int(FREE_SHARE * free_bytes) - int(fixed)) // int(per_frame)))
+
+
+def frames_that_fit(free_bytes: int, device: torch.device | str, dtype: torch.dtype,
+                    cap: int = MAX_AUTO_BATCH) -> int:
+    """Rendered frames per batch that `free_bytes` on `device` hold for a renderer in `dtype`: 1 to `cap`."""
+    return batch_that_fits(free_bytes, bytes_per_frame(device, dtype), fixed_bytes(device, dtype), cap)
+
+
+def auto_batch_size(device: torch.device | str, dtype: torch.dtype, reserve_bytes: int = 0,
+                    cap: int = MAX_AUTO_BATCH) -> int:
+    """The batch size for rendering a whole clip on `device` when the user did not choose one: on CUDA what
+    the free memory (`torch.cuda.mem_get_info`, less `reserve_bytes` still to be loaded, e.g. weights)
+    holds, 1 to `cap`; elsewhere `CPU_AUTO_BATCH`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_AUTO_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    return frames_that_fit(free - reserve_bytes, device, dtype, cap)
+
+
+def weight_bytes(dtype: torch.dtype, audio: bool = True) -> int:
+    """The official models' weights in `dtype`: the renderer, and with `audio` the generator and wav2vec2."""
+    params = RENDERER_PARAMETERS + (AUDIO_MODEL_PARAMETERS if audio else 0)
+    return params * torch.empty((), dtype=dtype).element_size()
