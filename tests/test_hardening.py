@@ -96,8 +96,7 @@ def test_output_through_another_path_to_an_input_is_refused(inputs, tmp_path, ca
     ("--steps", "1", "steps"),
     ("--seed", str(2 ** 64), "seed"),
     ("--seed", str(-(2 ** 63) - 1), "seed"),
-    ("--batch-size", "0", "batch size"),
-    ("--batch-size", "-1", "batch size"),
+    ("--batch-size", "-1", "batch size"),  # 0 is "auto" (the default)
     ("--feather", "2", "feather"),
     ("--crop-scale", "nan", "crop scale"),
 ])
@@ -108,7 +107,7 @@ def test_bad_numbers_are_refused_before_loading(inputs, tmp_path, caplog, flag, 
     assert not out.exists() and not list(tmp_path.glob("*.partial*"))
 
 
-@pytest.mark.parametrize("value", ["0", "-1"])
+@pytest.mark.parametrize("value", ["-1", "-64"])
 def test_video_batch_size_is_checked_before_any_frame(inputs, tmp_path, caplog, value):
     code, message = run_cli(["video", str(inputs["photo_512.png"]), str(inputs["driving_short.mp4"]), "-o",
                              str(tmp_path / "out.mp4"), "--batch-size", value], tmp_path, caplog)
