@@ -16,6 +16,9 @@ Sections (`--skip` any of them):
             row saying why it was skipped);
 - renderer: ms/frame, frames/s and peak memory per precision × path × batch size (motion latents →
             frames on the device, after one warm-up batch); batch 1 is the latency;
+- reference: with `--reference DIR` (a checkout of github.com/bigai-nlco/IMTalker, never vendored), the
+            reference's own per-frame loop (app.py) on the same stand-in weights, device and precision
+            (`--frames` frames), and the renderer section's best fast-path frames/s against it;
 - generator: a `--clip-seconds` clip (25 fps; cfg 3, 10 steps) from random 768-wide features;
 - audio:    wav2vec2-base features of a `--clip-seconds` random waveform;
 - clip:     audio → features → motion → uint8 frames on the CPU through the pipeline
@@ -69,7 +72,7 @@ from imtalker_core.renderer.transfer import CoarseTransfer  # noqa: E402
 from tests.helpers.standin import parity_file, standin_state_dict  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SECTIONS = ("anchor", "renderer", "generator", "audio", "clip", "parity")
+SECTIONS = ("anchor", "renderer", "reference", "generator", "audio", "clip", "parity")
 FPS = 25
 SAMPLE_RATE = 16000
 
@@ -358,6 +361,51 @@ def _time_each_precision(args, device, timer, rows, cache, section: str, frames:
         cache[name] = model if "clip" in args.sections else None
 
 
+def bench_reference(args, device, timer, rows, best):
+    """The reference's own loop (its app.py: one frame at a time, the source-only work redone per frame) on
+    the same stand-in weights and device, and our best frames/s of the renderer section against it."""
+    if args.reference is None:
+        rows.append(dict(section="reference", note="skipped: pass --reference DIR, a checkout of "
+                                                   "github.com/bigai-nlco/IMTalker"))
+        return
+    import reference_speed  # benchmarks/reference_speed.py (needs Pillow)
+
+    renderer_cls = _reference_class(args.reference)
+    for name in args.dtypes:
+        n = args.frames
+        seconds, peak = _time_reference(reference_speed, renderer_cls, name, n, device, timer, args.repeats)
+        note = "the reference's own loop (app.py), one frame at a time"
+        ours = best.get((name, "fast"))
+        if ours is not None:
+            note += f"; ours (fast, batch {ours[0]}) {ours[1]:.1f} frames/s = {ours[1] * seconds / n:.2f}× it"
+        rows.append(dict(section="reference", precision=name, path="reference", batch=1, frames=n, seconds=seconds,
+                         ms_per_frame=1000 * seconds / n, fps=n / seconds, peak_gib=peak, note=note))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _time_reference(reference_speed, renderer_cls, name, frames, device, timer, repeats):
+    """(seconds for `frames` frames, peak GiB) of the reference's loop in precision `name`."""
+    dtype = DTYPES[name]
+    model = reference_speed.build_reference(renderer_cls, standin_state_dict("renderer")).to(device, dtype)
+    loop = reference_speed.ReferenceLoop(model)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 512, 512, generator=generator).to(device, dtype)
+    latents = torch.randn(frames, 32, generator=generator).to(device, dtype)
+    with torch.no_grad(), precision_context(name, device):
+        loop.encode_source(image)
+        loop.render(latents[:1])  # warm-up
+        return timer(lambda: loop.render(latents), repeats=repeats)
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_class(reference_dir: Path) -> type:
+    """The reference's renderer class, imported once per process (its package is named `renderer`)."""
+    import reference_speed
+
+    return reference_speed.import_reference(reference_dir)[0]
+
+
 def bench_generator(args, device, timer, rows, cache):
     frames = round(args.clip_seconds * FPS)
     torch.manual_seed(0)
@@ -552,6 +600,8 @@ def main() -> int:
     ap.add_argument("--argmax-kernel", default="auto", choices=list(attention.ARGMAX_KERNEL_MODES),
                     help="anchor picks of the fast path outside the anchor section: the Triton kernel on CUDA "
                          "where it can run (auto), always (triton: fails where it cannot) or never (torch)")
+    ap.add_argument("--reference", type=Path, default=None,
+                    help="a checkout of github.com/bigai-nlco/IMTalker: the reference section times its own loop")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -582,6 +632,7 @@ def main() -> int:
     t0 = time.perf_counter()
     steps = [("anchor", lambda a: bench_anchor(a, device, timer, rows)),
              ("renderer", lambda a: bench_renderer(a, device, timer, renderers, rows, best)),
+             ("reference", lambda a: bench_reference(a, device, timer, rows, best)),
              ("generator", lambda a: bench_generator(a, device, timer, rows, generators)),
              ("audio", lambda a: bench_audio(a, device, timer, rows, encoders)),
              ("clip", lambda a: bench_clip(a, device, timer, renderers, rows, best, generators, encoders)),
