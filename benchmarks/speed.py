@@ -186,13 +186,32 @@ def compile_state(model, path: str):
     return contextlib.nullcontext() if path == "compiled" else compiled.suspended(model)
 
 
-def render_to_cpu(model, identity, motion, batch, path, output_dtype=torch.float32) -> list[torch.Tensor]:
+def render_to_cpu(model, identity, motion, batch, path, output_dtype=torch.float32,
+                  hand_outs: list[float] | None = None) -> list[torch.Tensor]:
     """Frames on the CPU through `pipeline.render_batches`, the nodes' and the runner's output path:
     float32 for IMAGE outputs, uint8 for video (pinned copies, the next batch queued before one is handed
-    out, a compiled renderer padded to whole batches)."""
+    out, a compiled renderer padded to whole batches). `hand_outs` gets the wall-clock seconds from the
+    call to each batch's hand-out (the batch is then on the CPU)."""
+    out = []
+    start = time.perf_counter()
     with path_context(path), compile_state(model, path):
-        return list(pipeline.render_batches(model, identity, motion, batch, output_device="cpu",
-                                            output_dtype=output_dtype))
+        for frames in pipeline.render_batches(model, identity, motion, batch, output_device="cpu",
+                                              output_dtype=output_dtype):
+            out.append(frames)
+            if hand_outs is not None:
+                hand_outs.append(time.perf_counter() - start)
+    return out
+
+
+def hand_out_note(hand_outs: list[float], batch: int) -> str:
+    """Per-batch wall times from `render_to_cpu`'s hand-out marks: the first, the median of the middle
+    ones and the last (a short last batch is a new shape for eager kernels)."""
+    gaps = [b - a for a, b in zip([0.0, *hand_outs], hand_outs)]
+    if len(gaps) < 3:
+        return "batches " + " / ".join(f"{1000 * g:.0f}" for g in gaps) + " ms"
+    middle = sorted(gaps[1:-1])[len(gaps[1:-1]) // 2]
+    return (f"batches of {batch}: first {1000 * gaps[0]:.0f} ms, median {1000 * middle:.0f} ms, "
+            f"last {1000 * gaps[-1]:.0f} ms")
 
 
 @functools.lru_cache(maxsize=1)
@@ -466,8 +485,11 @@ def bench_clip(args, device, timer, renderers, rows, best, generators, encoders)
                 def motion(feats):
                     return pipeline.generate_motion(gen, feats, identity.motion, cfg_scale=3.0, steps=10, seed=0)
 
+                hand_outs: list[float] = []
+
                 def render(latents):
-                    return render_to_cpu(model, identity, latents[:render_frames], bs, path, torch.uint8)
+                    hand_outs.clear()
+                    return render_to_cpu(model, identity, latents[:render_frames], bs, path, torch.uint8, hand_outs)
 
                 warm = ""
                 with compile_state(gen, path):
@@ -485,7 +507,8 @@ def bench_clip(args, device, timer, renderers, rows, best, generators, encoders)
                 rows.append(dict(section="clip", precision=name, path=path, batch=bs, frames=frames, seconds=total,
                                  ms_per_frame=1000 * total / frames, fps=frames / total, peak_gib=peak,
                                  note=f"{args.clip_seconds:g} s clip → uint8 CPU frames: {detail}; "
-                                      f"{args.clip_seconds / total:.1f}× real time{scaled}{warm}"
+                                      f"{args.clip_seconds / total:.1f}× real time{scaled}{warm}; "
+                                      f"{hand_out_note(hand_outs, bs)}"
                                       + ("" if enc is not None else "; no transformers: random features")))
 
 
