@@ -187,20 +187,24 @@ def compile_state(model, path: str):
 
 
 def render_to_cpu(model, identity, motion, batch, path, output_dtype=torch.float32,
-                  hand_outs: list[float] | None = None) -> list[torch.Tensor]:
-    """Frames on the CPU through `pipeline.render_batches`, the nodes' and the runner's output path:
-    float32 for IMAGE outputs, uint8 for video (pinned copies, the next batch queued before one is handed
-    out, a compiled renderer padded to whole batches). `hand_outs` gets the wall-clock seconds from the
-    call to each batch's hand-out (the batch is then on the CPU)."""
-    out = []
+                  hand_outs: list[float] | None = None) -> torch.Tensor:
+    """Frames `[T, 3, S, S]` on the CPU through `pipeline.render_batches`, consumed as the nodes and the runner
+    consume them: each batch copied into one pageable canvas (the IMAGE output) or encoded, then dropped, so
+    that the pinned staging memory is reused. Float32 for IMAGE outputs, uint8 for video (pinned copies,
+    the next batch queued before one is handed out, a compiled renderer padded to whole batches).
+    `hand_outs` gets the wall-clock seconds from the call to each batch's hand-out."""
+    size = model.cfg.image_size
+    canvas = torch.empty(motion.shape[0], 3, size, size, dtype=output_dtype)
+    done = 0
     start = time.perf_counter()
     with path_context(path), compile_state(model, path):
         for frames in pipeline.render_batches(model, identity, motion, batch, output_device="cpu",
                                               output_dtype=output_dtype):
-            out.append(frames)
+            canvas[done:done + frames.shape[0]] = frames
+            done += frames.shape[0]
             if hand_outs is not None:
                 hand_outs.append(time.perf_counter() - start)
-    return out
+    return canvas
 
 
 def hand_out_note(hand_outs: list[float], batch: int) -> str:
@@ -499,7 +503,7 @@ def bench_clip(args, device, timer, renderers, rows, best, generators, encoders)
                     parts["audio"], _ = timer(lambda: out.update(features=features()))
                     parts["motion"], _ = timer(lambda: out.update(motion=motion(out["features"])))
                     seconds, peak = timer(lambda: out.update(frames=render(out["motion"])))
-                assert sum(f.shape[0] for f in out["frames"]) == render_frames
+                assert out["frames"].shape[0] == render_frames
                 parts["render"] = seconds * frames / render_frames
                 total = sum(parts.values())
                 scaled = "" if render_frames == frames else f"; render scaled from {render_frames} frames"
