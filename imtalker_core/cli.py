@@ -41,7 +41,8 @@ def _dtype(name: str, device: str) -> torch.dtype:
 def _auto_batch_size(args: argparse.Namespace, device: str, dtype: torch.dtype) -> int:
     """`--batch-size 0`: what the device holds once the models are on it (`render_memory.auto_batch_size`)."""
     audio = args.command == "audio"
-    size = render_memory.auto_batch_size(device, dtype, reserve_bytes=render_memory.weight_bytes(dtype, audio))
+    size = render_memory.auto_batch_size(device, dtype, reserve_bytes=render_memory.weight_bytes(dtype, audio),
+                                         encodes_motion=args.command == "video")
     if audio and args.stream:
         size = min(size, STREAM_AUTO_BATCH)
     log.info("rendering %d frame(s) at a time (--batch-size 0 = auto)", size)

@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 
 CPU_BYTES_PER_FRAME = 512 << 20
+#: Memory one 512² driving frame takes in the motion encoder (float32 activations of its first layers, with
+#: room); not yet measured on a GPU, so the CPU figure serves everywhere.
+MOTION_ENCODER_BYTES_PER_FRAME = 256 << 20
 GPU_BYTES_PER_FRAME = {torch.float16: 96 << 20, torch.bfloat16: 96 << 20, torch.float32: 160 << 20}
 GPU_FIXED_BYTES = {torch.float16: 1 << 30, torch.bfloat16: 1 << 30, torch.float32: 11 << 29}
 #: Most frames an automatic batch holds: beyond this a GPU renders hardly faster (H200, fp16: 267 frames/s at
@@ -52,15 +55,19 @@ def frames_that_fit(free_bytes: int, device: torch.device | str, dtype: torch.dt
 
 
 def auto_batch_size(device: torch.device | str, dtype: torch.dtype, reserve_bytes: int = 0,
-                    cap: int = MAX_AUTO_BATCH) -> int:
+                    cap: int = MAX_AUTO_BATCH, encodes_motion: bool = False) -> int:
     """The batch size for rendering a whole clip on `device` when the user did not choose one: on CUDA what
     the free memory (`torch.cuda.mem_get_info`, less `reserve_bytes` still to be loaded, e.g. weights)
-    holds, 1 to `cap`; elsewhere `CPU_AUTO_BATCH`."""
+    holds, 1 to `cap`; elsewhere `CPU_AUTO_BATCH`. `encodes_motion`: the same batch also encodes driving
+    frames, so it must fit the motion encoder's budget too."""
     device = torch.device(device)
     if device.type != "cuda":
         return CPU_AUTO_BATCH
     free, _ = torch.cuda.mem_get_info(device)
-    return frames_that_fit(free - reserve_bytes, device, dtype, cap)
+    size = frames_that_fit(free - reserve_bytes, device, dtype, cap)
+    if encodes_motion:
+        size = min(size, batch_that_fits(free - reserve_bytes, MOTION_ENCODER_BYTES_PER_FRAME, cap=cap))
+    return size
 
 
 def weight_bytes(dtype: torch.dtype, audio: bool = True) -> int:

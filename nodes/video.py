@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from ..imtalker_core import render_memory
 from ..imtalker_core.errors import InputError
 from ..imtalker_core.media.audio import load_audio
 from ..imtalker_core.media.face import CropBox, center_box, crop_box, detect_faces, stable_video_box
@@ -207,8 +208,6 @@ def settle_bad_frames(latents: torch.Tensor, bad: BadFrames, policy: str, what: 
 # Encoding a batch at a time
 # --------------------------------------------------------------------------------------------
 
-#: Memory one 512² frame needs in the motion encoder (float32 activations of its first layers, with room).
-MOTION_BYTES_PER_FRAME = 256 * 1024 * 1024
 MAX_AUTO_MOTION_BATCH = 32
 MOTION_BATCH_INPUT = ("INT", {
     "default": 0, "min": 0, "max": 256,
@@ -222,7 +221,7 @@ def motion_batch_size(batch_size: int) -> int:
     if batch_size < 0:
         raise InputError(f"batch_size must be 0 (auto) or more, got {batch_size}")
     if batch_size == 0:
-        batch_size = bridge.auto_batch_size(MOTION_BYTES_PER_FRAME, MAX_AUTO_MOTION_BATCH)
+        batch_size = bridge.auto_batch_size(render_memory.MOTION_ENCODER_BYTES_PER_FRAME, MAX_AUTO_MOTION_BATCH)
         log.info("IMTalker: encoding %d driving frame(s) at a time (batch_size 0 = auto)", batch_size)
     return batch_size
 

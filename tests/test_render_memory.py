@@ -30,6 +30,9 @@ def test_auto_batch_size_on_a_cpu_and_on_a_gpu(gpu_with_free):
     assert render_memory.auto_batch_size("cuda", torch.float32) == 1
     gpu_with_free.free = 3 * GIB
     assert render_memory.auto_batch_size("cuda", torch.float16, cap=8) == 8
+    # Driving frames go through the motion encoder in the same batches: its 256 MiB a frame bounds them too.
+    gpu_with_free.free = 8 * GIB
+    assert render_memory.auto_batch_size("cuda", torch.float16, encodes_motion=True) == 25  # 6.4 GiB / 256 MiB
 
 
 def test_weight_bytes_count_the_models_to_load():
@@ -41,13 +44,21 @@ def test_weight_bytes_count_the_models_to_load():
 def _captured_batch_size(monkeypatch, argv: list[str], auto: int) -> int:
     """The batch size `cli.main(argv)` hands the runner, with the device's automatic choice `auto`."""
     captured = {}
-    monkeypatch.setattr(render_memory, "auto_batch_size", lambda device, dtype, reserve_bytes=0, cap=32: auto)
+
+    def auto_batch_size(device, dtype, reserve_bytes=0, cap=32, encodes_motion=False):
+        captured["encodes_motion"] = encodes_motion
+        assert reserve_bytes == render_memory.weight_bytes(dtype, audio=argv[0] == "audio")
+        return auto
+
+    monkeypatch.setattr(render_memory, "auto_batch_size", auto_batch_size)
     monkeypatch.setattr(runner, "load_models", lambda *args, **kwargs: None)
     monkeypatch.setattr(runner, "video_to_video",
                         lambda *args, batch_size, **kwargs: captured.setdefault("batch_size", batch_size))
     monkeypatch.setattr(cli, "_run_stream",
                         lambda args, *rest: captured.setdefault("batch_size", args.batch_size) and None)
     assert cli.main(argv) == 0
+    if "--batch-size" not in argv:  # the video command's batches also encode the driving frames
+        assert captured["encodes_motion"] == (argv[0] == "video")
     return captured["batch_size"]
 
 
