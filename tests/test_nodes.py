@@ -369,6 +369,26 @@ def test_precision_tf32_loads_float32_models_allowed_tf32(pack, sub, env_dirs, r
     assert models.generator.dtype == torch.float32
 
 
+def test_loaders_set_the_compile_mode_and_say_when_it_only_costs_time(pack, sub, env_dirs, monkeypatch):
+    compiled, bridge = sub("imtalker_core.compiled"), sub("nodes.bridge")
+    notes = []
+    monkeypatch.setattr(bridge, "notify", lambda message, level=None: notes.append(message))
+    (model,) = run(pack, "IMTalkerLoadRenderer", renderer_name="renderer.ckpt", precision="fp32",
+                   compile="reduce-overhead")
+    assert compiled.compile_mode(model.module) == "reduce-overhead"  # compiled at its first use, not here
+    assert len(notes) == 1 and "Load Renderer" in notes[0] and "CPU" in notes[0]
+    (models,) = run(pack, "IMTalkerLoadGenerator", generator_name="generator.ckpt",
+                    wav2vec2_folder="wav2vec2-base-960h", precision="fp32", use_ema=False, compile="default")
+    assert compiled.compile_mode(models.generator.module) == "default"
+    assert len(notes) == 2 and "Load Generator" in notes[1]
+    (plain,) = run(pack, "IMTalkerLoadRenderer", renderer_name="renderer.ckpt", precision="fp32")
+    assert compiled.compile_mode(plain.module) == "off" and len(notes) == 2
+    cuda = types.SimpleNamespace(type="cuda")
+    monkeypatch.setattr(bridge, "compute_device", lambda: cuda)
+    (gpu,) = run(pack, "IMTalkerLoadRenderer", renderer_name="renderer.ckpt", precision="fp32", compile="default")
+    assert compiled.compile_mode(gpu.module) == "default" and len(notes) == 2  # worth it there: no notice
+
+
 def test_renderer_loader_names_a_swapped_file(pack, sub, env_dirs):
     errors = sub("imtalker_core.errors")
     with pytest.raises(errors.CheckpointError, match="generator"):
