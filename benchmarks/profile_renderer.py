@@ -13,7 +13,9 @@ frames step the pipeline uses (`compiled.frames_step`), after `--warmup` untimed
   the six transfer levels, every block of the synthesis network) timed by forward hooks, with CUDA events
   on a GPU (device time, in stream order) or the wall clock on a CPU; ms per frame and share of the step.
   "(rest)" is the step's time outside these modules (the final conv, pixel shuffle and sigmoid among it).
-  Hooks add a little host time per module; on a GPU that hides behind the queued work.
+  Hooks add a little host time per module; on a GPU that hides behind the queued work. Beside it, each
+  module's GFLOP per frame (`torch.utils.flop_counter`: matmuls, convolutions and, on CUDA, attention;
+  elementwise work is not counted) and the TFLOP/s it reached.
 - kernels: `torch.profiler` over the same batches, the `--top` operators / kernels by device time (self
   time on a CPU), per frame. Under `--compile` (hooks cannot run inside a whole compiled graph) this is
   the only table, and it names inductor's fused kernels.
@@ -99,6 +101,29 @@ class ModuleTimer:
             handle.remove()
 
 
+def module_flops(modules: dict[str, torch.nn.Module], step) -> dict[str, int]:
+    """FLOPs of one call of each module during `step()` (`torch.utils.flop_counter`): each module's first
+    inputs are captured by a hook, then the module alone is run again on them under a FLOP counter (eval
+    mode, so a module is a function of its inputs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    captured: dict[str, tuple] = {}
+    handles = [module.register_forward_pre_hook(
+        lambda module, args, kwargs, name=name: captured.setdefault(name, (args, kwargs)), with_kwargs=True)
+        for name, module in modules.items()]
+    try:
+        step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    flops = {}
+    for name, (args, kwargs) in captured.items():
+        with FlopCounterMode(display=False) as counter:
+            modules[name](*args, **kwargs)
+        flops[name] = counter.get_total_flops()
+    return flops
+
+
 def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -154,6 +179,10 @@ def main(argv=None) -> int:
         sync(device)
         print(f"warm-up: {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
+        flops = None
+        if args.compile == "off":  # FLOPs of one frame (they grow linearly with the batch)
+            one = latents[:1].to(device, dtype)
+            flops = module_flops(profiled_modules(model), lambda: step(model, identity.vector, source, one))
         timer = None if args.compile != "off" else ModuleTimer(profiled_modules(model), device)
         sync(device)
         start = time.perf_counter()
@@ -167,12 +196,17 @@ def main(argv=None) -> int:
         if timer is not None:
             per_module = timer.seconds()
             timer.remove()
-            print("\n| module | ms/frame | share |\n| --- | --- | --- |")
+            print("\n| module | ms/frame | share | GFLOP/frame | TFLOP/s |\n| --- | --- | --- | --- | --- |")
             for module_name, seconds in [*per_module.items(), ("(rest)", step_seconds - sum(per_module.values()))]:
+                gflop = flops[module_name] / 1e9 if module_name in flops else None
                 row = dict(table="modules", name=module_name, ms_per_frame=1000 * seconds / frames,
-                           share=seconds / step_seconds)
+                           share=seconds / step_seconds, gflop_per_frame=gflop,
+                           tflops=gflop * frames / seconds / 1e3 if gflop and seconds > 0 else None)
                 rows.append(row)
-                print(f"| {module_name} | {row['ms_per_frame']:.3f} | {100 * row['share']:.1f} % |")
+                gflop_text = "" if gflop is None else f"{gflop:.2f}"
+                tflops_text = "" if row["tflops"] is None else f"{row['tflops']:.1f}"
+                print(f"| {module_name} | {row['ms_per_frame']:.3f} | {100 * row['share']:.1f} % | {gflop_text} | "
+                      f"{tflops_text} |")
 
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":

@@ -51,3 +51,25 @@ def test_module_timer_times_every_module_of_the_frames_step_once_per_forward(mon
         compiled.eager_frames(model, vector, source, motion)
     assert all(not marks for marks in timer.marks.values())  # removed hooks record nothing
     torch.testing.assert_close(frames, plain, rtol=0, atol=0)
+
+
+def test_module_flops_count_each_module_once_and_add_up_to_at_most_the_step():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    profile = _profile_module()
+    model, identity, motion = tiny_render_case(1)
+    modules = profile.profiled_modules(model)
+    with torch.no_grad():
+        ident, source = pipeline.prepare_render_source(model, identity)
+
+        def step():
+            return compiled.eager_frames(model, ident.vector, source, motion)
+
+        flops = profile.module_flops(modules, step)
+        with FlopCounterMode(display=False) as counter:
+            step()
+    assert set(flops) == set(modules)  # every module ran, and was counted
+    assert all(flops[f"frame_decoder.resblocks.{i}"] > 0 for i in range(len(model.frame_decoder.resblocks)))
+    assert flops["latent_token_decoder"] > 0
+    assert 0 < sum(flops.values()) <= counter.get_total_flops()  # disjoint modules: never counted twice
+    assert not any(module._forward_pre_hooks for module in modules.values())  # the capture hooks are gone
