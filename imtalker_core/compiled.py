@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -50,10 +51,28 @@ _compiled: weakref.WeakKeyDictionary[nn.Module, "_Compiled"] = weakref.WeakKeyDi
 
 
 class _Compiled:
-    """A model's compiled function and the settings it was made with."""
+    """A model's compiled function, the settings it was made with, and the input shapes it has compiled for.
 
-    def __init__(self, fn: Callable, mode: str, backend: Any):
-        self.fn, self.mode, self.backend = fn, mode, backend
+    `fn` calls the compiled function and logs the first call of each input shape (the one that compiles:
+    tens of seconds on a GPU, with nothing else to show for it), and how long it took.
+    """
+
+    def __init__(self, compiled_fn: Callable, mode: str, backend: Any, name: str):
+        self.compiled_fn, self.mode, self.backend, self.name = compiled_fn, mode, backend, name
+        self.shapes: set[tuple] = set()
+        self.fn = self._call  # one bound method, so that callers may compare it
+
+    def _call(self, *args, **kwargs):
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        if shapes in self.shapes:
+            return self.compiled_fn(*args, **kwargs)
+        log.info("%s: compiling (mode %s) for inputs of shapes %s, once per shape in this process: tens of "
+                 "seconds on a GPU, minutes on a CPU", self.name, self.mode, [list(s) for s in shapes])
+        start = time.perf_counter()
+        out = self.compiled_fn(*args, **kwargs)
+        self.shapes.add(shapes)
+        log.info("%s: compiled in %.1f s (first call included)", self.name, time.perf_counter() - start)
+        return out
 
 
 def check_compile_mode(mode: str) -> str:
@@ -87,7 +106,7 @@ def set_compile(model: nn.Module, mode: str = "default", backend: Any = "inducto
         raise TypeError(f"set_compile takes an IMTRenderer or a MotionGenerator, not {type(model).__name__}")
     options = {} if mode == "default" else {"mode": mode}
     _compiled[model] = _Compiled(torch.compile(target, backend=backend, dynamic=False, fullgraph=True,
-                                                     **options), mode, backend)
+                                               **options), mode, backend, type(model).__name__)
     log.info("%s will be compiled (mode %s) at its first use of each shape", type(model).__name__, mode)
 
 

@@ -7,6 +7,8 @@ benchmarks/speed.py (`--compile`), not here.
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -78,6 +80,21 @@ def test_without_the_bucket_a_short_batch_would_compile_again(tiny):
     assert len(backend.graphs) == 2
     assert padded.shape[0] == unpadded.shape[0] == 1
     torch.testing.assert_close(padded, unpadded, rtol=0, atol=1e-6)
+
+
+def test_the_first_call_of_each_shape_is_logged_as_compiling(tiny, caplog):
+    model, identity, motion = tiny
+    compiled.set_compile(model, "default", backend=RecordingBackend())
+    with caplog.at_level(logging.INFO, logger=compiled.__name__):
+        render_frames(model, identity, motion, batch_size=2)  # batches 2, 2, 1 (padded): one shape
+        compiling = [r.getMessage() for r in caplog.records if "compiling" in r.getMessage()]
+        assert len(compiling) == 1 and "IMTRenderer" in compiling[0] and "[2, 32]" in compiling[0]
+        assert any("compiled in" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        render_frames(model, identity, motion, batch_size=2)
+        assert not any("compiling" in r.getMessage() for r in caplog.records)
+        render_frames(model, identity, motion, batch_size=3)
+        assert sum("compiling" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_suspended_runs_eagerly_and_keeps_the_compiled_code(tiny):
