@@ -20,7 +20,7 @@ out="${OUT:-gpu_results}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
 all_steps=(cuda_tests speed_kernel speed_clip stream layout speed_torch_argmax parity parity_torch_argmax
-           speed_compiled speed_compiled_large clip_compiled profile profile_compiled reference)
+           speed_compiled speed_compiled_large clip_compiled profile profile_compiled reference stream_compiled)
 default_steps=(cuda_tests profile profile_compiled speed_kernel clip_compiled)
 steps=("${@:-${default_steps[@]}}")
 for name in "${steps[@]}"; do
@@ -68,6 +68,8 @@ step speed_compiled_large 150 "$py" benchmarks/speed.py --device cuda --dtypes f
     --paths compiled --compile-mode reduce-overhead --sections renderer --json "$out/speed_compiled_large.json"
 step clip_compiled 200 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 32 --paths fast compiled \
     --compile-mode reduce-overhead --sections clip --json "$out/clip_compiled.json"
+step stream_compiled 200 "$py" benchmarks/stream_latency.py --device cuda --batch-size 8 --first-batch-sizes 1 \
+    --frames 150 --audio-modes whole --no-compare --compile reduce-overhead --json "$out/stream_compiled.json"
 # The reference's own loop on the GPU, same process and weights: REFERENCE_DIR is a checkout of
 # github.com/bigai-nlco/IMTalker (the GPU machine reaches no network: carry one in an ignored folder).
 step reference 120 "$py" benchmarks/speed.py --device cuda --dtypes fp32 fp16 --batch-sizes 1 8 32 --frames 32 \

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from imtalker_core import (  # noqa: E402
+    compiled,
     convert_to_safetensors,
     encode_identity,
     generate_motion,
@@ -54,6 +55,7 @@ from imtalker_core import (  # noqa: E402
     load_renderer,
     model_files,
 )
+from imtalker_core.compiled import COMPILE_MODES  # noqa: E402
 from imtalker_core.stream import (  # noqa: E402
     ChunkedAudioFeatures,
     StreamTimings,
@@ -189,6 +191,9 @@ def main() -> int:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--no-compare", action="store_true", help="skip the chunked-vs-whole comparison")
+    ap.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                    help="torch.compile the renderer and the generator (imtalker_core.compiled); the untimed "
+                         "warm-up run then renders two batches, so that both batch shapes are compiled")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -211,12 +216,14 @@ def main() -> int:
         result = {"environment": environment(device), "precision": precision,
                   "models": "official files" if args.models else f"stand-ins (wav2vec2 {args.wav2vec2})",
                   "settings": {"seconds": args.seconds, "frames": args.frames, "batch_size": args.batch_size,
-                               "steps": args.steps, "cfg": args.cfg}}
+                               "steps": args.steps, "cfg": args.cfg, "compile": args.compile}}
         sync(device)
         t0 = time.perf_counter()
         models = load_models(models_dir, device, DTYPES[precision])
         sync(device)
         cold = {"load_models_s": time.perf_counter() - t0}
+        for model in (models.renderer, models.generator):
+            compiled.set_compile(model, args.compile)
         torch.manual_seed(0)
         portrait = torch.rand(1, 3, models.renderer.cfg.image_size, models.renderer.cfg.image_size)
         t0 = time.perf_counter()
@@ -237,7 +244,9 @@ def main() -> int:
                 settings = {"cfg_scale": args.cfg, "steps": args.steps, "seed": args.seed,
                             "batch_size": args.batch_size, "first_batch_size": first, "audio_mode": mode,
                             "context_frames": args.context_frames, "lookahead_frames": args.lookahead_frames}
-                timed_stream(models, prepared, wave, first, **settings)  # warm-up: one batch
+                # Warm-up: one batch, or under compile two (the first batch's shape and the others').
+                timed_stream(models, prepared, wave, first + (args.batch_size if args.compile != "off" else 0),
+                             **settings)
                 timings = timed_stream(models, prepared, wave, args.frames, **settings)
                 row = {"audio_mode": mode, "first_batch_size": first, **timings.as_dict()}
                 row["first_window_motion_s"] = timings.windows[0].motion_s if timings.windows else None
