@@ -216,12 +216,18 @@ def test_cache_follows_load_state_dict_of_inference_tensors(renderer, synthesis_
     assert (after - plain_frames(renderer, aligned)).abs().max().item() <= FRAME_TOL
 
 
-def test_cache_follows_dtype_and_in_place_edits(renderer, synthesis_inputs):
-    aligned = synthesis_inputs[2]
+def _cached_copy(renderer: IMTRenderer, aligned) -> IMTRenderer:
+    """A copy of `renderer` with both layout options on, its weight caches filled by one forward pass."""
     model = IMTRenderer(tiny_renderer_config()).eval()
     model.load_state_dict(renderer.state_dict())
     set_inference_layout(model, channels_last=True, fold_batchnorm=True)
     _frames(model, aligned)
+    return model
+
+
+def test_cache_follows_dtype_and_in_place_edits(renderer, synthesis_inputs):
+    aligned = synthesis_inputs[2]
+    model = _cached_copy(renderer, aligned)
     block = model.frame_decoder.resblocks[1]
     assert block._conv_cache
     model.double()
@@ -260,10 +266,7 @@ def _poison_caches(module: torch.nn.Module) -> int:
 
 def test_training_and_autograd_never_use_the_cache(renderer, synthesis_inputs):
     aligned = synthesis_inputs[2]
-    model = IMTRenderer(tiny_renderer_config()).eval()
-    model.load_state_dict(renderer.state_dict())
-    set_inference_layout(model, channels_last=True, fold_batchnorm=True)
-    _frames(model, aligned)
+    model = _cached_copy(renderer, aligned)
     assert _poison_caches(model.frame_decoder) > 0
     with torch.no_grad():  # the poison has teeth: inference does use the caches
         assert (model.frame_decoder(aligned) - plain_frames(renderer, aligned)).abs().max().item() > 1e-2
