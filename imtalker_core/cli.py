@@ -10,6 +10,7 @@ import torch
 from . import model_files, render_memory
 from .compiled import COMPILE_MODES
 from .errors import IMTalkerError
+from .precision import PRECISION_DTYPES
 from .sampling import NOISE_MODES
 from .validation import MAX_STEPS, MIN_STEPS, check_device
 
@@ -18,8 +19,6 @@ log = logging.getLogger("imtalker_core.cli")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: Most frames an automatic batch of a stream holds: larger batches would hold frames back longer.
 STREAM_AUTO_BATCH = 8
-#: `--precision` values besides "auto": "tf32" is float32 weights with TF32 allowed on CUDA.
-PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _device(name: str) -> str:
@@ -35,7 +34,7 @@ def _device(name: str) -> str:
 def _dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
-    return PRECISIONS[name]
+    return PRECISION_DTYPES[name]
 
 
 def _auto_batch_size(args: argparse.Namespace, device: str, dtype: torch.dtype) -> int:
@@ -71,7 +70,7 @@ def _model_options(p: argparse.ArgumentParser, device_help: str = "auto, cpu, cu
                    help=f"models folder (default: {model_files.default_models_dir()})")
     p.add_argument("--no-download", action="store_true", help="never download missing model files")
     p.add_argument("--device", default="auto", help=device_help)
-    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISION_DTYPES],
                    help="auto = fp16 on CUDA, fp32 elsewhere. fp32 is true float32 (the reference's frames); tf32 "
                         "= fp32 with TF32 on NVIDIA GPUs (1.4x faster than fp32 on an H200, frames 58.8 dB from "
                         "the reference's; fp16 54 dB)")
@@ -251,9 +250,10 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "batch":
         from .batch_jobs import run_batch
 
-        return run_batch(args.jobs, models_dir=args.models, device=args.device, dtype=PRECISIONS.get(args.precision),
-                         download=not args.no_download, overwrite=args.overwrite, resume=args.resume,
-                         report=args.report, compile_mode=args.compile, allow_tf32=args.precision == "tf32")
+        return run_batch(args.jobs, models_dir=args.models, device=args.device,
+                         dtype=PRECISION_DTYPES.get(args.precision), download=not args.no_download,
+                         overwrite=args.overwrite, resume=args.resume, report=args.report,
+                         compile_mode=args.compile, allow_tf32=args.precision == "tf32")
     if args.command == "models":
         root = args.models or model_files.default_models_dir()
         if args.download:

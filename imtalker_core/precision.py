@@ -25,6 +25,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+#: The precisions a user may choose (besides "auto") and their weight dtypes: "tf32" is float32 weights whose
+#: models may use TF32 on CUDA (`set_allow_tf32`), "fp32" true float32.
+PRECISION_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 _tf32_allowed: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 

@@ -26,6 +26,7 @@ import torch
 
 from ..imtalker_core import render_memory
 from ..imtalker_core.errors import InputError
+from ..imtalker_core.precision import PRECISION_DTYPES
 from .types import ManagedModel
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,12 @@ CHECKPOINT_EXTENSIONS = (".ckpt", ".pt", ".pth", ".safetensors")
 WAV2VEC2_MARKER = "config.json"
 MODELS_ENV = "IMTALKER_MODELS_DIR"
 OUTPUT_ENV = "IMTALKER_OUTPUT_DIR"
-PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
+PRECISIONS = ("auto", *PRECISION_DTYPES)
 OFFICIAL_FILES_HELP = (
     "Download the official IMTalker files from https://huggingface.co/cbsjtu01/IMTalker into "
     "ComfyUI/models/imtalker/: renderer.ckpt, generator.ckpt and the folder wav2vec2-base-960h/ with "
     "config.json, pytorch_model.bin and preprocessor_config.json (then refresh the browser page).")
 
-_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _standalone_logged = False
 
 
@@ -252,7 +252,7 @@ def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision != "auto":
-        dtype = _DTYPES[precision]
+        dtype = PRECISION_DTYPES[precision]
         if device.type == "cpu" and dtype != torch.float32:
             log.warning("%s weights on the CPU are slow and may be unsupported; fp32 is recommended", precision)
         return dtype
