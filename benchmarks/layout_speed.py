@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import imtalker_core as imt  # noqa: E402
 from imtalker_core.pipeline import prepare_render_source, render_batch  # noqa: E402
 from imtalker_core.renderer.synthesis import set_inference_layout  # noqa: E402
-from tests.helpers.standin import standin_state_dict  # noqa: E402
+from tests.helpers.standin import standin_renderer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VARIANTS = {"plain": (False, False), "channels_last": (True, False), "fold": (False, True), "both": (True, True)}
@@ -73,9 +73,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     device = torch.device(args.device)
-    model = imt.IMTRenderer().eval()
-    model.load_state_dict(standin_state_dict("renderer"), strict=False)
-    model = model.to(device, DTYPES[args.dtype])
+    model = standin_renderer(device, DTYPES[args.dtype])
     torch.manual_seed(0)
     identity, source = prepare_render_source(model, imt.encode_identity(model, torch.rand(1, 3, 512, 512)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {args.dtype}, "  # noqa: T201

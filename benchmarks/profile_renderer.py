@@ -38,10 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 from imtalker_core import compiled, pipeline  # noqa: E402
 from imtalker_core.compiled import COMPILE_MODES  # noqa: E402
-from imtalker_core.config import RendererConfig  # noqa: E402
 from imtalker_core.precision import fp32_matmul  # noqa: E402
 from imtalker_core.renderer import IMTRenderer  # noqa: E402
-from tests.helpers.standin import standin_state_dict  # noqa: E402
+from tests.helpers.standin import standin_renderer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -147,9 +146,7 @@ def main(argv=None) -> int:
     name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[name]
 
-    model = IMTRenderer(RendererConfig()).eval().requires_grad_(False)
-    model.load_state_dict(standin_state_dict("renderer"), strict=False)
-    model = model.to(device, dtype)
+    model = standin_renderer(device, dtype)
     torch.manual_seed(0)
     image = torch.rand(1, 3, 512, 512)
     latents = torch.randn(args.batches * args.batch_size, 32)

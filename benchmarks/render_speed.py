@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import imtalker_core as imt  # noqa: E402
-from tests.helpers.standin import standin_state_dict  # noqa: E402
+from tests.helpers.standin import standin_renderer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -30,12 +30,9 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    state = standin_state_dict("renderer")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")  # noqa: T201
     for name in args.dtypes:
-        model = imt.IMTRenderer().eval()
-        model.load_state_dict(state, strict=False)
-        model = model.to(args.device, DTYPES[name])
+        model = standin_renderer(args.device, DTYPES[name])
         torch.manual_seed(0)
         image = torch.rand(1, 3, 512, 512)
         t0 = time.perf_counter()

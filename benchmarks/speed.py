@@ -69,7 +69,7 @@ from imtalker_core.layers import attention  # noqa: E402
 from imtalker_core.precision import fp32_matmul, tf32_state  # noqa: E402
 from imtalker_core.renderer import IMTRenderer  # noqa: E402
 from imtalker_core.renderer.transfer import CoarseTransfer  # noqa: E402
-from tests.helpers.standin import parity_file, standin_state_dict  # noqa: E402
+from tests.helpers.standin import parity_file, standin_renderer, standin_state_dict  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SECTIONS = ("anchor", "renderer", "reference", "generator", "audio", "clip", "parity")
@@ -137,8 +137,7 @@ class Renderers:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.master = IMTRenderer(RendererConfig()).eval().requires_grad_(False)
-        self.master.load_state_dict(standin_state_dict("renderer"), strict=False)
+        self.master = standin_renderer()
         self.current: tuple[str, IMTRenderer] | None = None
 
     def get(self, name: str) -> IMTRenderer:

@@ -61,6 +61,16 @@ def standin_state_dict(kind: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def standin_renderer(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The full-size renderer (official configuration) on the stand-in weights, in eval mode without
+    gradients, on `device` in `dtype` (the benchmarks' model: speed does not depend on the values)."""
+    from imtalker_core import IMTRenderer
+
+    model = IMTRenderer().eval().requires_grad_(False)
+    model.load_state_dict(standin_state_dict("renderer"), strict=False)
+    return model.to(device, dtype)
+
+
 def write_official_layout(kind: str, path: os.PathLike, extra: dict | None = None,
                           state: dict[str, torch.Tensor] | None = None) -> Path:
     """`torch.save({"state_dict": {prefix + key: tensor}, **extra})`, as the official files."""
