@@ -2,7 +2,8 @@
 
 - the chunked head-mean argmax picks exactly what the plain float32 map picks (random inputs,
   exact ties → lowest index, near-ties, half-precision inputs, every chunking);
-- attention outputs, window attention and the guided resampler match the plain paths;
+- attention outputs, window attention, the guided resampler and the modulated convolutions match the
+  plain paths;
 - rendering with a prepared source equals rendering without one, and the plain render;
 - the state dict is unchanged, the TF32 context restores the caller's flags, and the speed
   benchmark imports without the media libraries.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from imtalker_core import IMTRenderer
 from imtalker_core.config import tiny_renderer_config
 from imtalker_core.layers import attention as A
+from imtalker_core.layers.stylegan import ModulatedConv2d
 from imtalker_core.precision import fp32_matmul, tf32_state
 from imtalker_core.renderer.transfer import CoarseTransfer
 
@@ -188,6 +190,53 @@ def test_chunked_window_attention_equals_one_product(shift):
         chunked = block.attn._forward_chunked(q, kv, kv, block.attn_mask, chunk_bytes=20 * per_window)
     assert calls == ([windows] * 3 if shift else [20, 20, 8])
     torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+def test_modulated_conv_batched_equals_grouped(upsample):
+    """One conv with the style on the activations gives the grouped per-sample-weight conv's output."""
+    torch.manual_seed(11)
+    conv = ModulatedConv2d(12, 20, 3, 8, upsample=upsample)
+    x, style = torch.randn(3, 12, 8, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        grouped = conv._forward_grouped(x, style)
+        batched = conv(x, style)
+        # Each sample's output depends on its own style only (a batch of one gives the same rows).
+        alone = conv(x[1:2], style[1:2])
+    assert batched.shape == grouped.shape == (3, 20, 16 if upsample else 8, 16 if upsample else 8)
+    torch.testing.assert_close(batched, grouped, rtol=0, atol=1e-5)
+    torch.testing.assert_close(alone, grouped[1:2], rtol=0, atol=1e-5)
+    with A.fast_paths(False), torch.no_grad():
+        assert torch.equal(conv(x, style), grouped)
+
+
+def test_modulated_conv_batched_gradients_match():
+    torch.manual_seed(12)
+    conv = ModulatedConv2d(6, 10, 3, 8, upsample=True)
+    x, style = torch.randn(2, 6, 4, 4), torch.randn(2, 8)
+    grads = []
+    for form in (conv._forward_grouped, conv._forward_batched):
+        conv.zero_grad()
+        form(x, style).square().sum().backward()
+        grads.append([p.grad.clone() for p in conv.parameters()])
+    for batched, grouped in zip(grads[1], grads[0]):
+        torch.testing.assert_close(batched, grouped, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_modulated_conv_half_precision_with_large_styles(dtype):
+    """Styles far from 1 would overflow fp16 activations scaled by them; the per-sample
+    normalisation (exact under the demodulation) keeps the half-precision output near float32's."""
+    torch.manual_seed(13)
+    conv = ModulatedConv2d(16, 16, 3, 8)
+    with torch.no_grad():
+        conv.modulation.bias.fill_(3000.0)
+    x, style = torch.randn(2, 16, 8, 8) * 8, torch.randn(2, 8)
+    with torch.no_grad():
+        expected = conv._forward_grouped(x, style)
+        half = conv.to(dtype)(x.to(dtype), style.to(dtype)).float()
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
 
 
 def test_window_bias_gets_gradients_when_training():

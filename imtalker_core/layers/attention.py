@@ -9,11 +9,15 @@ Two implementations of the expensive parts live side by side, chosen by `fast_pa
 - the fast paths (default): `scaled_dot_product_attention` for the attended values wherever the
   map itself is not needed, the argmax reduced chunk by chunk without the `probs @ v` product
   or the separate scaling pass (`head_mean_argmax`), shared source keys never copied per frame,
-  and window attention through `scaled_dot_product_attention` with a cached bias.
+  and window attention through `scaled_dot_product_attention` with a cached bias;
+- and, outside this module, the motion decoder's modulated convolutions with the style on the
+  activations and one shared weight (`stylegan.ModulatedConv2d`) instead of per-sample weights and
+  a grouped convolution.
 
-Both compute the anchor picks from float32 logits with the same float32 arithmetic, so float32
-picks are identical (tests/test_speed_paths.py) and half-precision models change no more picks
-than before. The switch exists so that one process can time and compare both.
+Both compute the anchor picks from float32 logits with the same float32 arithmetic, so from the
+same motion maps float32 picks are identical (tests/test_speed_paths.py) and half-precision models
+change no more picks than before (the two motion decoder forms differ by rounding, which can flip a
+near-tie pick, as another CPU or thread count can). The switch exists so that one process can time and compare both.
 
 On CUDA tensors the fast path takes the anchor picks from a fused Triton kernel where one can run
 (`anchor_argmax_triton`: the same float32 reduction without the map; the picks may differ from

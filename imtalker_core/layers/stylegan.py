@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import fast_paths_enabled
+
 SQRT2 = math.sqrt(2.0)
 
 
@@ -121,6 +123,12 @@ class ModulatedConv2d(nn.Module):
             self.blur = Blur(pad=((p + 1) // 2 + 1, p // 2 + 1), gain=4.0)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        if fast_paths_enabled():
+            return self._forward_batched(x, style)
+        return self._forward_grouped(x, style)
+
+    def _forward_grouped(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        """The reference's arithmetic: one modulated weight per sample, one grouped conv (groups = B)."""
         b, c, h, w = x.shape
         style = self.modulation(style).view(b, 1, c, 1, 1)
         weight = self.scale * self.weight * style
@@ -135,6 +143,31 @@ class ModulatedConv2d(nn.Module):
         weight = weight.view(b * self.out_channels, c, k, k)
         out = F.conv2d(x, weight, padding=self.padding, groups=b)
         return out.view(b, self.out_channels, out.shape[-2], out.shape[-1])
+
+    def _forward_batched(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        """The same map with the style moved onto the activations: `conv(x·s, w)·d` equals
+        `conv(x, w·s·d)` because `d` (the demodulation, `[B, C_out]`) is constant over each output
+        channel. One conv with the shared weight instead of B per-sample weights and a grouped conv:
+        2-3x faster for the whole motion decoder on a CPU at batch 2-8 (benchmarks/modconv_speed.py),
+        and equal up to rounding (~1e-6 relative in float32).
+
+        Half precision: the demodulation makes the result invariant to a positive scale of each
+        sample's style, so the style is divided by its largest magnitude first; the modulated
+        activations then stay as large as `x`, which the grouped form's weights never exceed either.
+        """
+        b, c = x.shape[:2]
+        style = self.modulation(style)  # [B, C_in]
+        if style.dtype in (torch.float16, torch.bfloat16):
+            style = style / style.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(style.dtype).tiny)
+        weight = self.weight[0] * self.scale  # [C_out, C_in, k, k]
+        # Σ over C_in and taps of (w·s)², without building the per-sample weights.
+        demod = torch.rsqrt(style.square() @ weight.square().sum([2, 3]).t() + 1e-8)  # [B, C_out]
+        x = x * style.view(b, c, 1, 1)
+        if self.upsample:
+            out = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2, padding=0)
+            return self.blur(out * demod.view(b, -1, 1, 1))
+        out = F.conv2d(x, weight, padding=self.padding)
+        return out * demod.view(b, -1, 1, 1)
 
 
 class NoiseInjection(nn.Module):
