@@ -1,16 +1,19 @@
-"""Inference layout of the synthesis network: channels-last activations and BatchNorm folding (issue 11).
+"""Inference layout of the synthesis network: channels-last activations, BatchNorm folding and the
+up-sampling convs as 2×2 phase convs (issue 11).
 
     python benchmarks/layout_speed.py [--batch-sizes 1 2] [--repeats 7] [--threads 2] [--device cpu]
-                                      [--dtype fp32] [--variants plain channels_last fold both]
+                                      [--dtype fp32] [--variants plain channels_last fold both phases all]
 
 Builds the full-size renderer on deterministic stand-in weights (tests/helpers/standin.py; speed does
 not depend on the values), encodes a random 512² source once, then renders motion latents → frames
 through `pipeline.render_batch` under each variant of `synthesis.set_inference_layout`:
 
-- plain:         channels_last=False, fold_batchnorm=False
-- channels_last: channels_last=True,  fold_batchnorm=False
-- fold:          channels_last=False, fold_batchnorm=True
-- both:          channels_last=True,  fold_batchnorm=True
+- plain:         channels_last=False, fold_batchnorm=False, upsample_phases=False
+- channels_last: channels_last=True,  fold_batchnorm=False, upsample_phases=False
+- fold:          channels_last=False, fold_batchnorm=True,  upsample_phases=False
+- both:          channels_last=True,  fold_batchnorm=True,  upsample_phases=False
+- phases:        channels_last=False, fold_batchnorm=False, upsample_phases=True
+- all:           channels_last=True,  fold_batchnorm=True,  upsample_phases=True (the CPU default)
 
 Every variant has its own copy of the model, so no variant rebuilds another's cached weights. The
 variants take turns within every repeat (a busy, shared machine slows all of them alike) and the
@@ -40,7 +43,8 @@ from imtalker_core.renderer.synthesis import set_inference_layout  # noqa: E402
 from tests.helpers.standin import standin_renderer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-VARIANTS = {"plain": (False, False), "channels_last": (True, False), "fold": (False, True), "both": (True, True)}
+VARIANTS = {"plain": (False, False, False), "channels_last": (True, False, False), "fold": (False, True, False),
+            "both": (True, True, False), "phases": (False, False, True), "all": (True, True, True)}
 
 
 def sync(device: torch.device) -> None:

@@ -1,7 +1,8 @@
-"""Inference layout of the synthesis network (issue 11): channels-last activations and BatchNorm folded
-into the preceding conv, on tiny configs (CPU).
+"""Inference layout of the synthesis network (issue 11): channels-last activations, BatchNorm folded
+into the preceding conv and the up-sampling convs as four 2×2 phase convs, on tiny configs (CPU).
 
-- the fold itself is exact in float64 and equal to conv → BatchNorm within float32 rounding;
+- the fold and the phase kernels are exact in float64 and equal to conv → BatchNorm (nearest ×2 → conv)
+  within float32 rounding;
 - every layout gives the plain layout's frames within FRAME_TOL, at batch 1 and 2, and NCHW frames;
 - with channels-last on, every image-space operation of the synthesis network returns channels-last;
 - the cached weights are rebuilt after `load_state_dict`, `.to(dtype)` and in-place edits, and never
@@ -23,11 +24,12 @@ from imtalker_core.renderer.synthesis import as_channels_last, set_inference_lay
 
 # Frames are in [0, 1]; float32 rounding of the fold and of NHWC accumulation measured ≤ 3e-7 here.
 FRAME_TOL = 2e-6
-LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]
-LAYOUT_IDS = ["plain", "channels-last", "fold", "both"]
+LAYOUTS = [(False, False, False), (True, False, False), (False, True, False), (True, True, False),
+           (False, False, True), (True, True, True)]
+LAYOUT_IDS = ["plain", "channels-last", "fold", "both", "phases", "all"]
 # Operations on image maps `[B, C, H, W]` (the attention blocks' token tensors are not image maps).
 IMAGE_OPS = ("convolution", "upsample_nearest2d", "cat", "batch_norm", "leaky_relu", "add.Tensor",
-             "pixel_shuffle", "sigmoid")
+             "pixel_shuffle", "sigmoid", "constant_pad_nd", "empty")
 
 
 def randomize_batchnorms(model: torch.nn.Module, seed: int = 0) -> None:
@@ -77,7 +79,7 @@ def default_layout(renderer):
 
 
 def plain_frames(renderer, aligned):
-    set_inference_layout(renderer, channels_last=False, fold_batchnorm=False)
+    set_inference_layout(renderer, channels_last=False, fold_batchnorm=False, upsample_phases=False)
     with torch.no_grad():
         return renderer.frame_decoder(aligned)
 
@@ -109,6 +111,9 @@ def test_layouts_give_the_plain_frames(renderer, synthesis_inputs, batch, layout
     aligned = synthesis_inputs[batch]
     expected = plain_frames(renderer, aligned)
     set_inference_layout(renderer, *layout)
+    for m in renderer.modules():
+        if isinstance(m, InferenceConvs):
+            m.drop_caches()  # (the module-wide renderer kept the other layouts' weights)
     with torch.no_grad():
         frames = renderer.frame_decoder(aligned)
     assert frames.shape == (batch, 3, 128, 128)
@@ -118,6 +123,46 @@ def test_layouts_give_the_plain_frames(renderer, synthesis_inputs, batch, layout
         assert renderer.frame_decoder.uses_channels_last(aligned[0]) == layout[0]
     if layout[0] or layout[1]:  # the cached weights were built and used
         assert renderer.frame_decoder.resblocks[0]._conv_cache
+    assert ("conv1/phases" in renderer.frame_decoder.upconv_blocks[0]._conv_cache) == layout[2]
+
+
+@pytest.mark.parametrize("size", [(5, 5), (4, 7)])
+def test_phase_kernels_equal_the_upsampled_conv_in_float64(size):
+    """Four 2×2 convs on the small map give exactly the 3×3 conv of the nearest ×2 map (borders included)."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 4, *size, generator=g, dtype=torch.float64)
+    expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, padding=1)
+    phases = conv_blocks.upsample_phase_weights(weight)
+    assert phases.shape == (4 * 6, 4, 2, 2)
+    padded = F.pad(x, (1, 1, 1, 1))
+    h, w = size
+    got = torch.empty_like(expected)
+    for phase, kernel in enumerate(phases.chunk(4)):
+        a, c = divmod(phase, 2)
+        got[:, :, a::2, c::2] = F.conv2d(padded[:, :, a:a + h + 1, c:c + w + 1], kernel)
+    assert (got - expected).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("fold", [False, True], ids=["unfolded", "folded"])
+def test_phase_up_block_equals_the_plain_block(channels_last, fold):
+    """An up-sampling ConvResBlock with the phases on runs no ×2 interpolation and gives the plain output."""
+    torch.manual_seed(4)
+    block = ConvResBlock(6, 5, resample="up").eval()
+    randomize_batchnorms(block, seed=4)
+    x = torch.randn(2, 6, 7, 6)
+    with torch.no_grad():
+        expected = block(x)  # the class defaults: plain
+        conv_blocks.configure_inference(block, channels_last, fold, upsample_phases=True)
+        inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        with ImageOpLayouts() as layouts:
+            got = block(inputs)
+    ops = [name for name, _ in layouts.seen]
+    assert not any("upsample" in name for name in ops) and "aten.constant_pad_nd.default" in ops
+    assert got.shape == (2, 5, 14, 12)
+    assert conv_blocks.is_channels_last(got) == channels_last
+    assert (got - expected).abs().max().item() <= 1e-5
 
 
 def test_fold_changes_the_computation(renderer, synthesis_inputs):
@@ -159,15 +204,19 @@ class ImageOpLayouts(TorchDispatchMode):
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("fold", [False, True], ids=["unfolded", "folded"])
-def test_channels_last_is_kept_through_every_stage(renderer, synthesis_inputs, batch, fold):
+@pytest.mark.parametrize("phases", [False, True], ids=["upsampled", "phases"])
+def test_channels_last_is_kept_through_every_stage(renderer, synthesis_inputs, batch, fold, phases):
     """Nothing converts back to NCHW inside the network (at batch 1 the attention blocks' outputs carry
     an odd batch stride that made `F.interpolate` return NCHW before `as_channels_last`)."""
-    set_inference_layout(renderer, channels_last=True, fold_batchnorm=fold)
+    set_inference_layout(renderer, channels_last=True, fold_batchnorm=fold, upsample_phases=phases)
+    with torch.no_grad():
+        renderer.frame_decoder(synthesis_inputs[batch])  # builds the cached weights (4-D tensors, not images)
     with torch.no_grad(), ImageOpLayouts() as layouts:
         frames = renderer.frame_decoder(synthesis_inputs[batch])
     ops = {name for name, _ in layouts.seen}
-    assert {"aten.convolution.default", "aten.upsample_nearest2d.default", "aten.cat.out",
-            "aten.pixel_shuffle.default"} <= ops, ops
+    resample = "aten.constant_pad_nd.default" if phases else "aten.upsample_nearest2d.default"
+    assert {"aten.convolution.default", resample, "aten.cat.out", "aten.pixel_shuffle.default"} <= ops, ops
+    assert ("aten.upsample_nearest2d.default" in ops) != phases
     assert any("batch_norm" in name for name in ops) != fold
     assert [name for name, channels_last in layouts.seen if not channels_last] == []
     assert frames.is_contiguous()
@@ -309,7 +358,8 @@ def test_defaults_per_device(renderer, synthesis_inputs):
     with torch.no_grad():
         assert synthesis.uses_channels_last(cpu)
         assert not synthesis.uses_channels_last(meta)  # devices that were not measured stay NCHW
-    for defaults in (conv_blocks.CHANNELS_LAST_BY_DEVICE, conv_blocks.FOLD_BATCHNORM_BY_DEVICE):
+    for defaults in (conv_blocks.CHANNELS_LAST_BY_DEVICE, conv_blocks.FOLD_BATCHNORM_BY_DEVICE,
+                     conv_blocks.UPSAMPLE_PHASES_BY_DEVICE):
         assert conv_blocks.layout_enabled(None, defaults, torch.device("cpu"))
         assert not conv_blocks.layout_enabled(None, defaults, torch.device("cuda"))
         assert conv_blocks.layout_enabled(True, defaults, torch.device("cuda"))
@@ -317,23 +367,27 @@ def test_defaults_per_device(renderer, synthesis_inputs):
     encoder_blocks = [m for m in renderer.dense_feature_encoder.modules() if isinstance(m, InferenceConvs)]
     synthesis_blocks = [m for m in synthesis.modules() if isinstance(m, (ConvBlock, ConvResBlock))]
     assert encoder_blocks and synthesis_blocks
-    assert all(m.channels_last is None and m.fold_batchnorm is None for m in synthesis_blocks)
-    set_inference_layout(renderer, channels_last=True, fold_batchnorm=True)
-    assert all(m.channels_last is True and m.fold_batchnorm is True for m in synthesis_blocks)
+    assert all(m.channels_last is None and m.fold_batchnorm is None and m.upsample_phases is None
+               for m in synthesis_blocks)
+    set_inference_layout(renderer, channels_last=True, fold_batchnorm=True, upsample_phases=True)
+    assert all(m.channels_last is True and m.fold_batchnorm is True and m.upsample_phases is True
+               for m in synthesis_blocks)
     with torch.no_grad():
         assert synthesis.uses_channels_last(meta)
     # The identity encoder (once per video) stays plain, so it holds no second copy of its weights.
-    assert all(m.channels_last is False and m.fold_batchnorm is False for m in encoder_blocks)
+    assert all(m.channels_last is False and m.fold_batchnorm is False and m.upsample_phases is False
+               for m in encoder_blocks)
     with torch.no_grad():
         renderer.encode_identity(torch.rand(1, 3, 128, 128))
     assert all(m._conv_cache == {} for m in encoder_blocks)
 
 
 def test_devices_without_defaults_keep_the_plain_path(renderer, synthesis_inputs, monkeypatch):
-    """Where both defaults are off (CUDA, simulated on the CPU), the network computes exactly the plain
+    """Where the defaults are off (CUDA, simulated on the CPU), the network computes exactly the plain
     frames and caches nothing, even where the coarse levels hand it channels-last tensors."""
     monkeypatch.delitem(conv_blocks.CHANNELS_LAST_BY_DEVICE, "cpu")
     monkeypatch.delitem(conv_blocks.FOLD_BATCHNORM_BY_DEVICE, "cpu")
+    monkeypatch.delitem(conv_blocks.UPSAMPLE_PHASES_BY_DEVICE, "cpu")
     model = IMTRenderer(tiny_renderer_config()).eval()
     model.load_state_dict(renderer.state_dict())
     aligned = synthesis_inputs[2]

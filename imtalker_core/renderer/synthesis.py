@@ -5,7 +5,8 @@ Inference layout (`set_inference_layout`; the defaults and measurements are note
 channels-last once and every stage keeps that layout (convs with cached channels-last weights,
 BatchNorm, nearest upsampling, the concatenation, the attention blocks, whose token views of an
 NHWC map need no copy, and the pixel shuffle); only the frame is made NCHW again. With the fold on,
-every conv → BatchNorm pair runs as one conv. Only in eval mode with autograd off.
+every conv → BatchNorm pair runs as one conv; with the up-sampling phases on, every "nearest ×2 → 3×3
+conv" runs as four 2×2 convs on the small map. Only in eval mode with autograd off.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class SynthesisNetwork(InferenceConvs):
         self.final_conv = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(dims[-1], 12, 3, padding=1),
                                         nn.PixelShuffle(2), nn.Sigmoid())
         # Per frame, so the device defaults apply here (the identity encoder's blocks stay plain).
-        configure_inference(self, channels_last=None, fold_batchnorm=None)
+        configure_inference(self, channels_last=None, fold_batchnorm=None, upsample_phases=None)
 
     def uses_channels_last(self, x: torch.Tensor) -> bool:
         """Whether a forward pass on input `x` runs channels-last (inference only)."""
@@ -95,18 +96,21 @@ def as_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def set_inference_layout(module: nn.Module, channels_last: bool | None = None,
-                         fold_batchnorm: bool | None = None) -> None:
+                         fold_batchnorm: bool | None = None, upsample_phases: bool | None = None) -> None:
     """Choose the inference layout of every synthesis network in `module` (a renderer or any part of
     it) and of its conv blocks: True or False, or None for the per-device defaults
-    (`conv_blocks.CHANNELS_LAST_BY_DEVICE`, `conv_blocks.FOLD_BATCHNORM_BY_DEVICE`: on for a CPU,
-    off elsewhere). The identity encoder, which runs once per video, keeps its plain layout.
+    (`conv_blocks.CHANNELS_LAST_BY_DEVICE`, `conv_blocks.FOLD_BATCHNORM_BY_DEVICE`,
+    `conv_blocks.UPSAMPLE_PHASES_BY_DEVICE`: on for a CPU, off elsewhere). The identity encoder,
+    which runs once per video, keeps its plain layout.
 
     The cached weights cost one more copy of the synthesis network's conv weights (41.6 M values,
-    167 MB in float32) while either is on.
+    167 MB in float32; 44.7 M values with `upsample_phases`, whose 2×2 phase kernels of the five
+    up-sampling convs hold 16 instead of 9 values per channel pair) while any is on.
 
-    Both change float32 results by rounding only (the anchor picks are made before the synthesis
-    network); training and autograd always use the plain layout and the unfolded BatchNorm.
+    All three change float32 results by rounding only (the anchor picks are made before the synthesis
+    network); training and autograd always use the plain layout, the unfolded BatchNorm and the
+    up-sampled map.
     """
     for m in module.modules():
         if isinstance(m, SynthesisNetwork):
-            configure_inference(m, channels_last, fold_batchnorm)
+            configure_inference(m, channels_last, fold_batchnorm, upsample_phases)
