@@ -11,7 +11,8 @@
 # Steps, run in this order (their names are the log and JSON names): the CUDA-only tests (the Triton kernel
 # against the torch code, the look-ahead copy); where a frame's time goes, eager and compiled (profile*); the
 # renderer per precision and batch size; the 10 s clip eager; the streaming latency and cold start; the
-# synthesis layouts on CUDA; the torch argmax; parity; torch.compile "reduce-overhead" alone; the clip
+# synthesis layouts on CUDA (channels-last, BatchNorm fold, up-sampling phases); the motion decoder's two
+# modulated-conv forms; the torch argmax; parity; torch.compile "reduce-overhead" alone; the clip
 # eager and compiled. Each
 # step has its own time limit so that one hang costs only itself; the default steps' limits add up to under
 # 10 minutes (about 5 in practice on an H200). benchmarks/results/2026-11-26-h200/ holds the last results.
@@ -19,7 +20,7 @@ set -uo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
-all_steps=(cuda_tests speed_kernel speed_clip stream layout speed_torch_argmax parity parity_torch_argmax
+all_steps=(cuda_tests speed_kernel speed_clip stream layout motion_decoder speed_torch_argmax parity parity_torch_argmax
            speed_compiled speed_compiled_large clip_compiled profile profile_compiled reference stream_compiled)
 default_steps=(cuda_tests profile profile_compiled speed_kernel clip_compiled)
 steps=("${@:-${default_steps[@]}}")
@@ -54,7 +55,8 @@ step speed_clip 60 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch
     --paths fast --sections renderer generator audio clip --json "$out/speed_clip.json"
 step stream 60 "$py" benchmarks/stream_latency.py --device cuda --batch-size 8 --first-batch-sizes 1 8 \
     --frames 150 --json "$out/stream.json"
-step layout 60 "$py" benchmarks/layout_speed.py --device cuda --dtype fp16 --batch-sizes 1 32 --repeats 5
+step layout 90 "$py" benchmarks/layout_speed.py --device cuda --dtype fp16 --batch-sizes 1 32 --repeats 5
+step motion_decoder 30 "$py" benchmarks/motion_decoder_speed.py --device cuda --dtype fp16 --batch-sizes 1 8 32 64
 step speed_torch_argmax 45 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 1 8 32 \
     --frames 64 --paths fast --argmax-kernel torch --sections renderer --json "$out/speed_torch_argmax.json"
 step parity 45 "$py" benchmarks/speed.py --device cuda --dtypes fp32 fp16 bf16 --sections parity \
