@@ -34,7 +34,8 @@ Paths (`--paths`): "plain" is the renderer as it was before issue 11 (float32 an
 values and argmax, source-only work redone per batch, explicit window attention); "fast" is the
 current default (`imtalker_core.layers.attention.fast_paths`) with the source prepared once
 (`IMTRenderer.prepare_source`); its anchor picks come from the Triton kernel on CUDA where it can
-run (`--argmax-kernel`, `imtalker_core.layers.attention.argmax_kernel`). Precision "tf32" is fp32
+run (`--argmax-kernel`, `imtalker_core.layers.attention.argmax_kernel`); `--window-kernel triton` runs
+the shifted-window attention as one Triton kernel (`attention.window_kernel`). Precision "tf32" is fp32
 weights with TF32 allowed; "fp32" is true float32 (TF32 off, `imtalker_core.precision.fp32_matmul`).
 
 CUDA timings use CUDA events after a warm-up and `torch.cuda.synchronize()`; peak memory is
@@ -363,7 +364,11 @@ def bench_renderer(args, device, timer, renderers, rows, best):
                 # The IMAGE nodes' output path: float32 frames on the CPU, through pipeline.render_batches.
                 bs = best[(name, path)][0]
                 n = bs * math.ceil(args.frames / bs)
-                seconds, peak = timer(lambda: render_to_cpu(model, identity, motion[:n], bs, path))
+                # Warmed up and the best of the repeats, like the rows above (one cold run read 40 % slower
+                # on a CPU than the same frames through render_batch).
+                for _ in range(args.warmup):
+                    render_to_cpu(model, identity, motion[:bs], bs, path)
+                seconds, peak = timer(lambda: render_to_cpu(model, identity, motion[:n], bs, path), args.repeats)
                 rows.append(dict(section="renderer", precision=name, path=path, batch=bs, frames=n, seconds=seconds,
                                  ms_per_frame=1000 * seconds / n, fps=n / seconds, peak_gib=peak,
                                  note="float32 frames to the CPU (pipeline.render_batches)"
@@ -626,6 +631,8 @@ def main() -> int:
     ap.add_argument("--argmax-kernel", default="auto", choices=list(attention.ARGMAX_KERNEL_MODES),
                     help="anchor picks of the fast path outside the anchor section: the Triton kernel on CUDA "
                          "where it can run (auto), always (triton: fails where it cannot) or never (torch)")
+    ap.add_argument("--window-kernel", default="torch", choices=list(attention.WINDOW_KERNEL_MODES),
+                    help="shifted-window attention on CUDA: the torch code (default) or the Triton kernel")
     ap.add_argument("--reference", type=Path, default=None,
                     help="a checkout of github.com/bigai-nlco/IMTalker: the reference section times its own loop")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -673,7 +680,7 @@ def main() -> int:
         groups = [args.dtypes] if section == "parity" else [[name] for name in args.dtypes]
         for group in groups:
             try:
-                with attention.argmax_kernel(args.argmax_kernel):
+                with attention.argmax_kernel(args.argmax_kernel), attention.window_kernel(args.window_kernel):
                     run(argparse.Namespace(**{**vars(args), "dtypes": group}))
             except Exception as err:  # noqa: BLE001 - reported in the table, the other rows kept
                 rows.append({"section": section, "precision": " ".join(group),

@@ -35,6 +35,11 @@ the torch code's only at near-ties below ~1e-6 relative); the values stay `atten
 
 CPU tensors, the plain path and code traced by `torch.compile` (which fuses the torch code itself)
 always use the torch code.
+
+The shifted-window attention has a Triton kernel too (`window_attention_triton`: the map never leaves
+registers), chosen by `window_kernel(mode)`: "torch" (default: the kernel has not been timed on a GPU
+yet) or "triton" (CUDA tensors in inference, outside `torch.compile`; raises RuntimeError where the
+kernel cannot run).
 """
 from __future__ import annotations
 
@@ -70,6 +75,10 @@ _FAST_PATHS = True
 log = logging.getLogger(__name__)
 
 ARGMAX_KERNEL_MODES = ("auto", "triton", "torch")
+WINDOW_KERNEL_MODES = ("triton", "torch")
+# Device types whose tensors may go to the window kernel (tests widen it to "cpu" under the interpreter).
+WINDOW_KERNEL_DEVICE_TYPES = ("cuda",)
+_WINDOW_KERNEL = "torch"
 # Device types whose tensors may go to the Triton kernel (tests widen it to "cpu" under the interpreter).
 ARGMAX_KERNEL_DEVICE_TYPES = ("cuda",)
 _ARGMAX_KERNEL = "auto"
@@ -97,21 +106,36 @@ def fast_paths_enabled() -> bool:
 
 
 @contextmanager
-def argmax_kernel(mode: str = "auto") -> Iterator[None]:
-    """Compute the fast path's anchor picks with the Triton kernel, the torch code or whichever can
-    run ("triton", "torch", "auto"; see the module docstring) inside the block. Not thread-safe."""
-    global _ARGMAX_KERNEL
-    if mode not in ARGMAX_KERNEL_MODES:
-        raise ValueError(f"argmax kernel mode {mode!r}: use one of {', '.join(ARGMAX_KERNEL_MODES)}")
-    before, _ARGMAX_KERNEL = _ARGMAX_KERNEL, mode
+def _module_setting(name: str, value: str, choices: tuple[str, ...], what: str) -> Iterator[None]:
+    """Set the module global `name` to `value` (one of `choices`) inside the block, then restore it."""
+    if value not in choices:
+        raise ValueError(f"{what} mode {value!r}: use one of {', '.join(choices)}")
+    before = globals()[name]
+    globals()[name] = value
     try:
         yield
     finally:
-        _ARGMAX_KERNEL = before
+        globals()[name] = before
+
+
+def argmax_kernel(mode: str = "auto"):
+    """Compute the fast path's anchor picks with the Triton kernel, the torch code or whichever can
+    run ("triton", "torch", "auto"; see the module docstring) inside the block. Not thread-safe."""
+    return _module_setting("_ARGMAX_KERNEL", mode, ARGMAX_KERNEL_MODES, "argmax kernel")
 
 
 def argmax_kernel_mode() -> str:
     return _ARGMAX_KERNEL
+
+
+def window_kernel(mode: str = "torch"):
+    """Compute the shifted-window attention with the Triton kernel ("triton") or the torch code
+    ("torch", the default) inside the block (see the module docstring). Not thread-safe."""
+    return _module_setting("_WINDOW_KERNEL", mode, WINDOW_KERNEL_MODES, "window kernel")
+
+
+def window_kernel_mode() -> str:
+    return _WINDOW_KERNEL
 
 
 def _kernel_argmax(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor | None:
@@ -478,10 +502,21 @@ class WindowAttention(ParameterCaches):
         # SDPA with an additive bias pays on the CPU only: on an H200 it made the whole renderer ~13 %
         # slower than the explicit product (fp16, batch 32: 229 vs 287 frames/s with the rest fast).
         if _FAST_PATHS:
+            if (_WINDOW_KERNEL == "triton" and q.device.type in WINDOW_KERNEL_DEVICE_TYPES
+                    and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+                return self._forward_kernel(q, k, v, mask)
             if q.device.type == "cpu":
                 return self._forward_fast(q, k, v, mask)
             return self._forward_chunked(q, k, v, mask)
         return self._forward_explicit(q, k, v, mask)
+
+    def _forward_kernel(self, q, k, v, mask):
+        """The projections in torch, the attention in one Triton kernel (`window_attention_triton`)."""
+        from . import window_attention_triton as kernel
+
+        bias = self.attention_bias(None, torch.float32)[0]  # [heads, n, n], cached
+        out = kernel.window_attention_triton(self.q(q), self.k(k), self.v(v), self.num_heads, self.scale, bias, mask)
+        return self.proj(out)
 
     def _forward_chunked(self, q, k, v, mask, chunk_bytes: int | None = None):
         """The explicit product over groups of whole images, so that one group's map `[windows, heads, n, n]`

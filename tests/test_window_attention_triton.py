@@ -1,0 +1,198 @@
+"""The Triton window-attention kernel (issue 11) against the explicit torch route, and its dispatch.
+
+Without a GPU the kernel runs through Triton's CPU interpreter (`TRITON_INTERPRET=1`, set before triton
+is imported), in one subprocess that computes every case below; the tests here compare the results
+with `WindowAttention._forward_explicit` (the same map written out in torch):
+
+- direct calls: head widths 4, 8 and 16 (zero-padded to tl.dot's 16), windows of 64 and of 9 tokens
+  (padded to 16), with and without the shifted-window mask, strided inputs, float32/float16/bfloat16;
+- whole SwinBlocks (plain and shifted) with `window_kernel("triton")` and CPU tensors allowed: the
+  kernel runs once per block and the blocks' outputs match the torch route's;
+- the dispatch (in this process): "torch" by default, never the kernel for CPU tensors, under autograd
+  or for an unknown mode.
+
+On a CUDA machine `test_cuda_kernel_matches_torch` also runs the compiled kernel at the official 256² shape.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from imtalker_core.layers import attention as A
+from imtalker_core.layers import window_attention_triton as K
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+# name → (windows per image, images, tokens per window, heads, head width, masked, dtype, strided)
+CASES = {
+    "fp32-width-4-masked": (4, 2, 64, 4, 4, True, torch.float32, False),
+    "fp32-width-8": (4, 2, 64, 2, 8, False, torch.float32, False),
+    "fp16-width-4-masked-strided": (4, 1, 64, 8, 4, True, torch.float16, True),
+    "bf16-width-16": (2, 2, 64, 2, 16, False, torch.bfloat16, False),
+    "fp32-nine-tokens-masked": (3, 2, 9, 2, 8, True, torch.float32, True),
+}
+
+
+def case_inputs(name: str):
+    """Seeded q, k, v `[B·nW, n, C]`, bias `[heads, n, n]` and mask `[nW, n, n]` or None of a case."""
+    windows, images, n, heads, width, masked, dtype, strided = CASES[name]
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    shape = (windows * images, n, heads * width)
+    if strided:  # channels-major storage: a non-contiguous [windows, n, C] view, as a transposed projection gives
+        q, k, v = (torch.randn(shape[0], shape[2], n, generator=g).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+    bias = torch.randn(heads, n, n, generator=g)
+    mask = None
+    if masked:  # the Swin convention: -100 between regions, 0 within
+        regions = torch.randint(0, 3, (windows, n), generator=g)
+        mask = torch.where(regions[:, :, None] != regions[:, None, :], -100.0, 0.0)
+    return q.to(dtype), k.to(dtype), v.to(dtype), bias, mask
+
+
+def explicit(q, k, v, heads, scale, bias, mask):
+    """The map written out in float64: softmax(q·kᵀ·scale + bias + mask)·v per window and head."""
+    w, n, c = q.shape
+    split = [t.double().reshape(w, n, heads, c // heads).transpose(1, 2) for t in (q, k, v)]
+    logits = split[0] @ split[1].transpose(-2, -1) * scale + bias.double()
+    if mask is not None:
+        logits = (logits.view(w // mask.shape[0], mask.shape[0], heads, n, n) + mask.double()[None, :, None])
+        logits = logits.view(w, heads, n, n)
+    return (logits.softmax(-1) @ split[2]).transpose(1, 2).reshape(w, n, c)
+
+
+def swin_blocks():
+    """A plain and a shifted block, head width 8, 16 windows of 64 tokens per 32² image."""
+    blocks = {}
+    for shift in (0, 4):
+        torch.manual_seed(20 + shift)
+        block = A.SwinBlock(16, 32, 2, 8, shift).eval()
+        with torch.no_grad():
+            block.attn.relative_position_bias_table.normal_()
+        blocks[shift] = block
+    return blocks
+
+
+# --------------------------------------------------------------------------- the interpreter run
+
+def _interpreter_worker(out_path: str) -> None:
+    """Runs in the subprocess (TRITON_INTERPRET=1); saves every case's output with torch.save."""
+    assert K.available("cpu"), K.unavailable_reason("cpu")
+    results: dict[str, torch.Tensor] = {}
+    for name, case in CASES.items():
+        q, k, v, bias, mask = case_inputs(name)
+        results[f"direct/{name}"] = K.window_attention_triton(q, k, v, case[3], case[4] ** -0.5, bias, mask)
+    calls = []
+    kernel = K.window_attention_triton
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    K.window_attention_triton = counted
+    A.WINDOW_KERNEL_DEVICE_TYPES = ("cpu",)
+    x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(5))
+    for shift, block in swin_blocks().items():
+        before = len(calls)
+        with torch.no_grad(), A.window_kernel("triton"):
+            results[f"block/{shift}"] = block(x)
+        results[f"block/{shift}/calls"] = torch.tensor(len(calls) - before)
+    torch.save(results, out_path)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    if not HAS_TRITON:
+        if sys.platform.startswith("linux"):
+            pytest.fail("triton is not installed: pip install -r requirements-test.txt")
+        pytest.skip("triton has no wheels for this platform")
+    out = tmp_path_factory.mktemp("triton") / "results.pt"
+    code = f"from tests.test_window_attention_triton import _interpreter_worker; _interpreter_worker({str(out)!r})"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_equals_the_written_out_map(interpreted, name):
+    q, k, v, bias, mask = case_inputs(name)
+    heads, width, dtype = CASES[name][3], CASES[name][4], CASES[name][6]
+    got = interpreted[f"direct/{name}"]
+    assert got.dtype == dtype and got.shape == q.shape
+    expected = explicit(q, k, v, heads, width ** -0.5, bias, mask)
+    assert (got.double() - expected).abs().max().item() <= TOLERANCE[dtype] * expected.abs().max().item()
+    # The mask matters here: without it the values differ (the test would not see a kernel ignoring it).
+    if mask is not None:
+        assert (explicit(q, k, v, heads, width ** -0.5, bias, None) - expected).abs().max().item() > 0.05
+
+
+@pytest.mark.parametrize("shift", [0, 4])
+def test_swin_blocks_through_the_kernel(interpreted, shift):
+    block = swin_blocks()[shift]
+    x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = block(x)  # the CPU's torch route
+    assert int(interpreted[f"block/{shift}/calls"]) == 1
+    torch.testing.assert_close(interpreted[f"block/{shift}"], expected, rtol=0, atol=2e-5)
+
+
+# --------------------------------------------------------------------------- the dispatch
+
+def test_dispatch_defaults_to_torch_and_keeps_cpu_and_autograd_off_the_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(A.WindowAttention, "_forward_kernel",
+                        lambda self, q, k, v, mask: calls.append(1) or torch.zeros_like(q))
+    block = swin_blocks()[4]
+    x = torch.randn(1, 16, 32, 32)
+    assert A.window_kernel_mode() == "torch"
+    with torch.no_grad():
+        block(x)
+        with A.window_kernel("triton"):
+            block(x)  # CPU tensors: not a kernel device type
+    assert calls == []
+    monkeypatch.setattr(A, "WINDOW_KERNEL_DEVICE_TYPES", ("cpu",))
+    with A.window_kernel("triton"):
+        block(x)  # autograd on: the kernel has no backward
+        assert calls == []
+        with torch.no_grad():
+            block(x)
+    assert calls == [1]
+    assert A.window_kernel_mode() == "torch"
+    with pytest.raises(ValueError, match="window kernel mode 'auto'"):
+        with A.window_kernel("auto"):
+            pass
+
+
+def test_unsupported_inputs_are_named():
+    q = torch.randn(4, 64, 16)
+    assert K.unsupported_reason(q, q, q, 4, None) is None
+    assert "head width" in K.unsupported_reason(q, q, q, 3, None)
+    assert "tokens per window" in K.unsupported_reason(torch.randn(4, 81, 16), torch.randn(4, 81, 16),
+                                                        torch.randn(4, 81, 16), 4, None)
+    assert "mask" in K.unsupported_reason(q, q, q, 4, torch.zeros(3, 64, 64))
+    assert "dtypes" in K.unsupported_reason(q, q.half(), q, 4, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_kernel_matches_torch(dtype):
+    """The official 256² level: 32 channels in 8 heads (width 4), 1,024 windows of 64 tokens per image."""
+    torch.manual_seed(0)
+    block = A.SwinBlock(32, 256, 8, 8, 4).eval().cuda().to(dtype)
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_()
+        x = torch.randn(2, 32, 256, 256, device="cuda", dtype=dtype)
+        expected = block(x)
+        with A.window_kernel("triton"):
+            got = block(x)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=TOLERANCE[dtype] * 10)
