@@ -11,16 +11,16 @@
 # Steps, run in this order (their names are the log and JSON names): the CUDA-only tests (the Triton kernel
 # against the torch code, the look-ahead copy); where a frame's time goes, eager and compiled (profile*); the
 # renderer per precision and batch size; the 10 s clip eager; the streaming latency and cold start; the
-# synthesis layouts on CUDA (channels-last, BatchNorm fold, up-sampling phases); the motion decoder's two
-# modulated-conv forms; the Triton window-attention kernel; the torch argmax; parity; torch.compile "reduce-overhead" alone; the clip
-# eager and compiled. Each
+# synthesis layouts on CUDA (channels-last, BatchNorm fold, up-sampling phases); the motion encoder's layouts
+# and the decoder's two modulated-conv forms; the Triton window-attention kernel; the torch argmax; parity;
+# torch.compile "reduce-overhead" alone; the clip eager and compiled. Each
 # step has its own time limit so that one hang costs only itself; the default steps' limits add up to under
 # 10 minutes (about 5 in practice on an H200). benchmarks/results/2026-11-26-h200/ holds the last results.
 set -uo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
-all_steps=(cuda_tests speed_kernel speed_clip stream layout motion_decoder speed_torch_argmax parity parity_torch_argmax
+all_steps=(cuda_tests speed_kernel speed_clip stream layout motion speed_torch_argmax parity parity_torch_argmax
            speed_compiled speed_compiled_large clip_compiled profile profile_compiled reference stream_compiled
            speed_window_kernel)
 default_steps=(cuda_tests profile profile_compiled speed_kernel clip_compiled)
@@ -58,7 +58,7 @@ step speed_clip 60 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch
 step stream 60 "$py" benchmarks/stream_latency.py --device cuda --batch-size 8 --first-batch-sizes 1 8 \
     --frames 150 --json "$out/stream.json"
 step layout 90 "$py" benchmarks/layout_speed.py --device cuda --dtype fp16 --batch-sizes 1 32 --repeats 5
-step motion_decoder 30 "$py" benchmarks/motion_decoder_speed.py --device cuda --dtype fp16 --batch-sizes 1 8 32 64
+step motion 60 "$py" benchmarks/motion_speed.py --device cuda --dtype fp16 --batch-sizes 1 8 32 64
 # The Triton window-attention kernel (off by default until this says it pays), eager; its parity rows too.
 step speed_window_kernel 120 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 fp32 --batch-sizes 1 8 32 \
     --frames 64 --paths fast --window-kernel triton --sections renderer parity --json "$out/speed_window_kernel.json"

@@ -58,6 +58,8 @@ def _model_place(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
 
 #: Image values may stray this far outside [0, 1] (resampling overshoot) before they count as wrong.
 IMAGE_RANGE_SLACK = 1e-3
+# Driving frames per motion-encoder call on a CPU, whatever the batch size (see encode_motion).
+CPU_MOTION_ENCODE_FRAMES = 1
 
 
 def check_images(images: torch.Tensor, size: int, name: str = "images") -> torch.Tensor:
@@ -161,8 +163,13 @@ def encode_motion(renderer: IMTRenderer, images: torch.Tensor, batch_size: int =
         if check_interrupt is not None:
             check_interrupt()
         batch = images[start:start + batch_size].to(device=device, dtype=dtype)
+        # On a CPU one frame at a time: a 512² frame's activations (64 channels, 67 MB in float32) already
+        # exceed the caches, and every frame more makes each conv slower per frame (channels-last, 2 threads:
+        # 0.93 s a frame alone, 1.15 in twos, 1.22 in fours; benchmarks/motion_speed.py --parts encoder).
+        step = CPU_MOTION_ENCODE_FRAMES if device.type == "cpu" else batch.shape[0]
         with model_fp32(renderer):
-            out.append(renderer.encode_motion(batch).float())
+            out.append(torch.cat([renderer.encode_motion(batch[i:i + step]).float()
+                                  for i in range(0, batch.shape[0], step)]))
         check_finite_output(out[-1], "motion of the driving frames", RENDERER_CAUSES)
         if callback is not None:
             callback(min(start + batch_size, images.shape[0]), images.shape[0])

@@ -395,3 +395,27 @@ def test_devices_without_defaults_keep_the_plain_path(renderer, synthesis_inputs
     frames = _frames(model, aligned)
     assert all(m._conv_cache == {} for m in model.modules() if isinstance(m, InferenceConvs))
     assert torch.equal(frames, plain_frames(renderer, aligned))
+
+
+def test_motion_encoder_runs_channels_last_in_inference_on_a_cpu(renderer):
+    """The motion encoder's device default (channels-last on a CPU): every conv keeps the layout, the latents
+    equal the plain layout's within rounding, and autograd or `channels_last=False` keep NCHW."""
+    encoder = renderer.latent_token_encoder
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(6))
+
+    def conv_layouts(grad: bool, setting: bool | None) -> tuple[torch.Tensor, list[bool]]:
+        encoder.channels_last = setting
+        try:
+            with torch.set_grad_enabled(grad), ImageOpLayouts() as layouts:
+                latents = encoder(images)
+        finally:
+            encoder.channels_last = None
+        return latents.detach(), [cl for name, cl in layouts.seen if "convolution" in name]
+
+    latents, layouts = conv_layouts(False, None)
+    plain, plain_layouts = conv_layouts(False, False)
+    trained, trained_layouts = conv_layouts(True, None)
+    assert latents.shape == (2, 32) and layouts and all(layouts)
+    assert not any(plain_layouts) and not any(trained_layouts)
+    assert (latents - plain).abs().max().item() <= 1e-5 * plain.abs().max().item()
+    assert torch.equal(trained, plain)

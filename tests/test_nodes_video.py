@@ -38,12 +38,12 @@ class FakeEncoder:
 
     def __init__(self, pending=None):
         self.batches, self.seen, self.pending, self.max_pending = [], [], pending, 0
-        self.buffers = set()  # where the batches lie in memory
+        self.buffers = set()  # the memory blocks the batches lie in
         self.encoded = 0
 
     def __call__(self, images):
         self.batches.append(images.shape[0])
-        self.buffers.add(images.data_ptr())
+        self.buffers.add(images.untyped_storage().data_ptr())  # (a CPU encoder gets one-frame slices of it)
         self.seen.append(images.detach().cpu().clone())
         if self.pending is not None:
             self.max_pending = max(self.max_pending, self.pending() - self.encoded)

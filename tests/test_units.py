@@ -148,6 +148,21 @@ def test_reenactment_of_source_by_itself_is_consistent(tiny_renderer):
     assert torch.allclose(direct, steps, atol=1e-5)
 
 
+def test_motion_encoding_on_a_cpu_goes_frame_by_frame(tiny_renderer, monkeypatch):
+    """Whatever the batch size, a CPU encoder sees one frame per call (faster there); progress stays per
+    batch, and the latents equal encoding the whole batch at once."""
+    cfg = tiny_renderer.cfg
+    driving = torch.rand(5, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        whole = tiny_renderer.encode_motion(driving)
+    sizes, seen = [], []
+    encode = tiny_renderer.encode_motion
+    monkeypatch.setattr(tiny_renderer, "encode_motion", lambda images: sizes.append(images.shape[0]) or encode(images))
+    latents = encode_motion(tiny_renderer, driving, batch_size=3, callback=lambda d, t: seen.append((d, t)))
+    assert sizes == [1] * 5 and seen == [(3, 5), (5, 5)]
+    torch.testing.assert_close(latents, whole, rtol=0, atol=1e-5)
+
+
 def test_render_progress_and_interrupt(tiny_renderer):
     cfg = tiny_renderer.cfg
     identity = encode_identity(tiny_renderer, torch.rand(1, 3, cfg.image_size, cfg.image_size))

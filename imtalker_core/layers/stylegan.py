@@ -148,7 +148,7 @@ class ModulatedConv2d(nn.Module):
         """The same map with the style moved onto the activations: `conv(x·s, w)·d` equals
         `conv(x, w·s·d)` because `d` (the demodulation, `[B, C_out]`) is constant over each output
         channel. One conv with the shared weight instead of B per-sample weights and a grouped conv:
-        2-3x faster for the whole motion decoder on a CPU at batch 2-8 (benchmarks/modconv_speed.py),
+        1.2-2.3x faster for the whole motion decoder on a CPU at batch 2-32 (benchmarks/motion_speed.py),
         and equal up to rounding (~1e-6 relative in float32).
 
         Half precision: the demodulation makes the result invariant to a positive scale of each

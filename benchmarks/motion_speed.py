@@ -1,0 +1,119 @@
+"""The motion stages' speed (issue 11): the motion encoder's layouts and the motion decoder's two forms
+of the modulated convolution.
+
+    python benchmarks/motion_speed.py [--batch-sizes 1 2 8] [--repeats 5] [--threads 2]
+                                      [--device cpu] [--dtype fp32] [--parts encoder decoder]
+
+Builds the full-size renderer on deterministic stand-in weights (tests/helpers/standin.py; speed does
+not depend on the values), then
+
+- encoder: encodes random 512² images `[B, 3, 512, 512]` into motion latents (`IMTRenderer.encode_motion`,
+  what every driving frame of a video costs) with `MotionEncoder.channels_last` False (NCHW) and True;
+- decoder: decodes random adapted motion latents `[B, 32]` into the four motion maps
+  (`IMTRenderer.decode_motion`, 13 style-modulated convolutions) in both forms of
+  `stylegan.ModulatedConv2d`:
+
+- grouped: the reference's arithmetic, one modulated and demodulated weight per sample and one
+  grouped convolution (groups = B); the plain paths (`attention.fast_paths(False)`);
+- batched: the style on the activations, one convolution with the shared weight, the demodulation
+  on its output; the fast paths (default).
+
+The variants take turns within every repeat; the tables give the median and fastest ms per frame after
+one warm-up call each, and the largest difference of the outputs relative to the largest value.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from imtalker_core.layers.attention import fast_paths  # noqa: E402
+from tests.helpers.standin import standin_renderer  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMS = {"grouped": False, "batched": True}  # form → fast paths on
+LAYOUTS = {"nchw": False, "channels_last": True}  # MotionEncoder.channels_last
+
+
+def timed(fn, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def compare(variants: dict, run, batch: int, repeats: int, device: torch.device) -> str:
+    """One markdown row: `run(setting)` timed per variant (turns within each repeat), ms per frame."""
+    outputs = {name: run(setting) for name, setting in variants.items()}  # warm-up, and the outputs compared
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, setting in variants.items():
+            times[name].append(timed(lambda: run(setting), device)[1] / batch * 1e3)
+    first, second = (outputs[name] for name in variants)
+    first, second = (first if isinstance(first, list) else [first]), (second if isinstance(second, list) else [second])
+    diff = max(((b.float() - a.float()).abs().max() / a.float().abs().max()).item() for a, b in zip(first, second))
+    names = list(variants)
+    cells = [f"{statistics.median(times[n]):.1f}, {min(times[n]):.1f}" for n in names]
+    return f"| {batch} | {cells[0]} | {cells[1]} | {min(times[names[0]]) / min(times[names[1]]):.2f}× | {diff:.1e} |"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 8])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads on a CPU")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--parts", nargs="+", default=["encoder", "decoder"], choices=["encoder", "decoder"])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    model = standin_renderer(device, dtype)
+    encoder = model.latent_token_encoder
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {args.dtype}, "  # noqa: T201
+          f"{args.repeats} repeats")
+
+    def encode(images):
+        def run(channels_last: bool):
+            encoder.channels_last = channels_last
+            try:
+                return model.encode_motion(images)
+            finally:
+                encoder.channels_last = None
+        return run
+
+    def decode(latents):
+        def run(fast: bool):
+            with fast_paths(fast):
+                return model.decode_motion(latents)
+        return run
+
+    for part in args.parts:
+        variants = LAYOUTS if part == "encoder" else FORMS
+        a, b = variants
+        print(f"\n{part}\n\n| batch | {a} ms/frame (median, min) | {b} ms/frame (median, min) "  # noqa: T201
+              "| speed-up (min) | max rel. difference |\n| --- | --- | --- | --- | --- |")
+        for batch in args.batch_sizes:
+            g = torch.Generator().manual_seed(batch)
+            if part == "encoder":
+                run = encode(torch.rand(batch, 3, model.cfg.image_size, model.cfg.image_size, generator=g)
+                             .to(device, dtype))
+            else:
+                run = decode(torch.randn(batch, model.cfg.latent_dim, generator=g).to(device, dtype))
+            print(compare(variants, run, batch, args.repeats, device), flush=True)  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
