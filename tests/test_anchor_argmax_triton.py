@@ -20,9 +20,7 @@ anchor shape.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +30,9 @@ import torch
 
 from imtalker_core.layers import anchor_argmax_triton as K
 from imtalker_core.layers import attention as A
+from tests.helpers.triton_interpreter import count_calls, interpreted_results
 
 ROOT = Path(__file__).resolve().parent.parent
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Relative head-mean weight (float64) by which a pick may fall short of the best: float32 rounding of
 # the logits, the normaliser and exp in two different orders stays far below it.
 NEAR_TIE = 1e-6
@@ -120,14 +118,7 @@ def _interpreter_worker(out_path: str) -> None:
     for name, case in CASES.items():
         q, k = case_inputs(name)
         results[f"picks/{name}"] = K.head_mean_argmax_triton(q, k, case[7], block_m=case[8])
-    calls = []
-    kernel = K.head_mean_argmax_triton
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return kernel(*args, **kwargs)
-
-    K.head_mean_argmax_triton = counted
+    calls = count_calls(K, "head_mean_argmax_triton")
     A.ARGMAX_KERNEL_DEVICE_TYPES = ("cpu",)
     for dim, heads in ((32, 4), (64, 4)):  # head widths 8 (padded) and 16
         torch.manual_seed(dim)
@@ -149,17 +140,7 @@ def _interpreter_worker(out_path: str) -> None:
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """The interpreter subprocess's results (see `_interpreter_worker`)."""
-    if not HAS_TRITON:
-        if sys.platform.startswith("linux"):
-            pytest.fail("triton is not installed: pip install -r requirements-test.txt")
-        pytest.skip("triton has no wheels for this platform")
-    out = tmp_path_factory.mktemp("triton") / "results.pt"
-    code = f"from tests.test_anchor_argmax_triton import _interpreter_worker; _interpreter_worker({str(out)!r})"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return interpreted_results("tests.test_anchor_argmax_triton", tmp_path_factory.mktemp("triton"))
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[-1] in ("random", "ragged", "strided")])

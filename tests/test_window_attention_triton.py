@@ -15,20 +15,12 @@ On a CUDA machine `test_cuda_kernel_matches_torch` also runs the compiled kernel
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from imtalker_core.layers import attention as A
 from imtalker_core.layers import window_attention_triton as K
-
-ROOT = Path(__file__).resolve().parent.parent
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from tests.helpers.triton_interpreter import count_calls, interpreted_results
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 # name → (windows per image, images, tokens per window, heads, head width, masked, dtype, strided)
@@ -90,14 +82,7 @@ def _interpreter_worker(out_path: str) -> None:
     for name, case in CASES.items():
         q, k, v, bias, mask = case_inputs(name)
         results[f"direct/{name}"] = K.window_attention_triton(q, k, v, case[3], case[4] ** -0.5, bias, mask)
-    calls = []
-    kernel = K.window_attention_triton
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return kernel(*args, **kwargs)
-
-    K.window_attention_triton = counted
+    calls = count_calls(K, "window_attention_triton")
     A.WINDOW_KERNEL_DEVICE_TYPES = ("cpu",)
     x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(5))
     for shift, block in swin_blocks().items():
@@ -110,17 +95,8 @@ def _interpreter_worker(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    if not HAS_TRITON:
-        if sys.platform.startswith("linux"):
-            pytest.fail("triton is not installed: pip install -r requirements-test.txt")
-        pytest.skip("triton has no wheels for this platform")
-    out = tmp_path_factory.mktemp("triton") / "results.pt"
-    code = f"from tests.test_window_attention_triton import _interpreter_worker; _interpreter_worker({str(out)!r})"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    """The interpreter subprocess's results (see `_interpreter_worker`)."""
+    return interpreted_results("tests.test_window_attention_triton", tmp_path_factory.mktemp("triton"))
 
 
 @pytest.mark.parametrize("name", list(CASES))

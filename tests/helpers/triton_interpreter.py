@@ -1,0 +1,51 @@
+"""Run a test module's Triton kernels through Triton's CPU interpreter, in a subprocess.
+
+The interpreter must be switched on (`TRITON_INTERPRET=1`) before triton is imported, so the kernels of a
+test module run in a fresh process: `interpreted_results(module, out_dir)` imports the module there, calls
+its `_interpreter_worker(out_path)` (which saves its results with `torch.save`) and loads what it saved.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def interpreted_results(module: str, out_dir: Path) -> dict[str, torch.Tensor]:
+    """`module`'s `_interpreter_worker` results (e.g. module "tests.test_window_attention_triton").
+
+    Fails (not skips) on Linux without triton: it is in requirements-test.txt there.
+    """
+    if not HAS_TRITON:
+        if sys.platform.startswith("linux"):
+            pytest.fail("triton is not installed: pip install -r requirements-test.txt")
+        pytest.skip("triton has no wheels for this platform")
+    out = out_dir / "results.pt"
+    code = f"from {module} import _interpreter_worker; _interpreter_worker({str(out)!r})"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def count_calls(module, name: str) -> list[int]:
+    """Replace `module.name` (a function) by a wrapper that appends 1 to the returned list per call
+    (for the workers, whose process ends after them: the wrapper is never removed)."""
+    calls: list[int] = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(module, name, counted)
+    return calls
