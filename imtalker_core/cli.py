@@ -53,8 +53,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="output .mp4 path")
     _model_options(p)
     p.add_argument("--batch-size", type=int, default=0,
-                   help="frames rendered at once; 0 (default) = auto: 4 on a CPU, on a GPU as many as its free "
-                        f"memory holds, up to {render_memory.MAX_AUTO_BATCH} (with --stream up to "
+                   help="frames rendered at once; 0 (default) = auto: 1 on a CPU (the fastest there), on a GPU as "
+                        f"many as its free memory holds, up to {render_memory.MAX_AUTO_BATCH} (with --stream up to "
                         f"{STREAM_AUTO_BATCH}, so that frames keep coming)")
     p.add_argument("--no-crop", action="store_true", help="use the whole image instead of a face crop")
     p.add_argument("--crop-scale", type=float, default=1.6, help="crop side = scale × detected face box")

@@ -21,9 +21,12 @@ GPU_FIXED_BYTES = {torch.float16: 1 << 30, torch.bfloat16: 1 << 30, torch.float3
 #: Most frames an automatic batch holds: beyond this a GPU renders hardly faster (H200, fp16: 267 frames/s at
 #: 32, 274 at 64).
 MAX_AUTO_BATCH = 32
-#: The automatic batch on a CPU (or MPS) for whole clips: batch size barely changes a CPU's speed (1.07 vs 1.09
-#: s/frame at 1 and 2), and 4 frames keep the memory moderate.
-CPU_AUTO_BATCH = 4
+#: The automatic batch on a CPU for whole clips: one frame at a time is fastest there (a frame's activations
+#: already exceed the caches; fp32, 2 threads: 0.94 s a frame at 1, 0.99 at 2, 1.08 at 4; benchmarks/speed.py
+#: --device cpu --batch-sizes 1 2 4), needs the least memory and moves the progress bar every frame.
+CPU_AUTO_BATCH = 1
+#: Other devices without a memory query (MPS, XPU): not measured; a moderate batch.
+OTHER_AUTO_BATCH = 4
 #: The share of free device memory an automatic batch may plan on.
 FREE_SHARE = 0.8
 #: Parameters of the official models (renderer 124 M; generator 39 M and wav2vec2-base 95 M for audio).
@@ -58,11 +61,11 @@ def auto_batch_size(device: torch.device | str, dtype: torch.dtype, reserve_byte
                     cap: int = MAX_AUTO_BATCH, encodes_motion: bool = False) -> int:
     """The batch size for rendering a whole clip on `device` when the user did not choose one: on CUDA what
     the free memory (`torch.cuda.mem_get_info`, less `reserve_bytes` still to be loaded, e.g. weights)
-    holds, 1 to `cap`; elsewhere `CPU_AUTO_BATCH`. `encodes_motion`: the same batch also encodes driving
-    frames, so it must fit the motion encoder's budget too."""
+    holds, 1 to `cap`; on a CPU `CPU_AUTO_BATCH`, elsewhere `OTHER_AUTO_BATCH`. `encodes_motion`: the same
+    batch also encodes driving frames, so it must fit the motion encoder's budget too."""
     device = torch.device(device)
     if device.type != "cuda":
-        return CPU_AUTO_BATCH
+        return CPU_AUTO_BATCH if device.type == "cpu" else OTHER_AUTO_BATCH
     free, _ = torch.cuda.mem_get_info(device)
     size = frames_that_fit(free - reserve_bytes, device, dtype, cap)
     if encodes_motion:

@@ -20,7 +20,8 @@ def gpu_with_free(monkeypatch):
 
 
 def test_auto_batch_size_on_a_cpu_and_on_a_gpu(gpu_with_free):
-    assert render_memory.auto_batch_size("cpu", torch.float32) == render_memory.CPU_AUTO_BATCH == 4
+    assert render_memory.auto_batch_size("cpu", torch.float32) == render_memory.CPU_AUTO_BATCH == 1
+    assert render_memory.auto_batch_size("mps", torch.float16) == render_memory.OTHER_AUTO_BATCH == 4
     # 80 % of 8 GiB, less 1 GiB fixed, in 96 MiB fp16 frames: 57 → the cap of 32.
     assert render_memory.auto_batch_size("cuda", torch.float16) == 32
     # fp32: (6.4 − 5.5 GiB) / 160 MiB → 5; with 0.5 GiB of weights still to load, (6.0 − 5.5) → 3.
