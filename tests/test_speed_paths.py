@@ -223,6 +223,29 @@ def test_modulated_conv_batched_gradients_match():
         torch.testing.assert_close(batched, grouped, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("upsample", [False, True])
+def test_modulated_conv_weight_cache_follows_the_weights(upsample):
+    """The cached scaled weight is built once in inference and rebuilt after an in-place edit or a load."""
+    torch.manual_seed(14)
+    conv = ModulatedConv2d(6, 10, 3, 8, upsample=upsample)
+    x, style = torch.randn(2, 6, 5, 5), torch.randn(2, 8)
+    with torch.no_grad():
+        first = conv(x, style)
+        cached = conv._weight_cache
+        assert cached is not None and conv(x, style) is not None and conv._weight_cache is cached
+        conv.weight.mul_(-0.5)
+        edited = conv(x, style)
+        torch.testing.assert_close(edited, conv._forward_grouped(x, style), rtol=0, atol=1e-5)
+        assert not torch.allclose(edited, first)
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    assert "_weight_cache" not in "".join(state)
+    state["weight"].mul_(-2.0)
+    conv.load_state_dict(state)
+    assert conv._weight_cache is None
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x, style), first, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_modulated_conv_half_precision_with_large_styles(dtype):
     """Styles far from 1 would overflow fp16 activations scaled by them; the per-sample
