@@ -262,6 +262,36 @@ def test_modulated_conv_half_precision_with_large_styles(dtype):
     torch.testing.assert_close(half, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("shift", [0, 4])
+@pytest.mark.parametrize("target", [5, 37, 70, 10_000])
+def test_cpu_window_chunks_equal_one_product(shift, target):
+    """The CPU's chunked product gives the one-product map for chunks inside a bias period (the shift
+    mask's 32 window-heads here), of whole periods, with a ragged last chunk, and for all at once."""
+    torch.manual_seed(9)
+    block = A.SwinBlock(16, 32, 2, 8, shift).eval()
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_()
+    q, kv = torch.randn(3 * 16, 64, 16), torch.randn(3 * 16, 64, 16)  # 3 images of 16 windows
+    with torch.no_grad():
+        whole = block.attn._forward_explicit(q, kv, kv, block.attn_mask)
+        chunked = block.attn._forward_cpu(q, kv, kv, block.attn_mask, chunk_bytes=target * 64 * 64 * 4)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
+
+def test_cpu_window_route_is_for_float32_inference(monkeypatch):
+    calls = []
+    original = A.WindowAttention._forward_cpu
+    monkeypatch.setattr(A.WindowAttention, "_forward_cpu",
+                        lambda self, *args: calls.append(1) or original(self, *args))
+    block = A.SwinBlock(16, 16, 2, 8, 4).eval()
+    x = torch.randn(1, 16, 16, 16)
+    with torch.no_grad():
+        block(x)
+        block.to(torch.bfloat16)(x.bfloat16())
+    block.float()(x)  # autograd on
+    assert calls == [1]
+
+
 def test_window_bias_gets_gradients_when_training():
     block = A.SwinBlock(16, 16, 2, 8, 4)
     block(torch.randn(1, 16, 16, 16)).sum().backward()
