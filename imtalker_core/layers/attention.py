@@ -9,7 +9,9 @@ Two implementations of the expensive parts live side by side, chosen by `fast_pa
 - the fast paths (default): `scaled_dot_product_attention` for the attended values wherever the
   map itself is not needed, the argmax reduced chunk by chunk without the `probs @ v` product
   or the separate scaling pass (`head_mean_argmax`), shared source keys never copied per frame,
-  and window attention through `scaled_dot_product_attention` with a cached bias;
+  and window attention from a cached bias: on a CPU in float32 inference an explicit product in
+  cache-sized chunks, otherwise on a CPU `scaled_dot_product_attention`, on a GPU the explicit product
+  over chunks of whole images;
 - and, outside this module, the motion decoder's modulated convolutions with the style on the
   activations and one shared weight (`stylegan.ModulatedConv2d`) instead of per-sample weights and
   a grouped convolution.
