@@ -192,12 +192,17 @@ def test_chunked_window_attention_equals_one_product(shift):
     torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
 
 
+def seeded_modulated_conv(seed: int, in_channels: int, out_channels: int, upsample: bool, batch: int, size: int):
+    """A seeded ModulatedConv2d (3×3, style width 8) with inputs `[batch, in, size, size]` and styles `[batch, 8]`."""
+    torch.manual_seed(seed)
+    conv = ModulatedConv2d(in_channels, out_channels, 3, 8, upsample=upsample)
+    return conv, torch.randn(batch, in_channels, size, size), torch.randn(batch, 8)
+
+
 @pytest.mark.parametrize("upsample", [False, True])
 def test_modulated_conv_batched_equals_grouped(upsample):
     """One conv with the style on the activations gives the grouped per-sample-weight conv's output."""
-    torch.manual_seed(11)
-    conv = ModulatedConv2d(12, 20, 3, 8, upsample=upsample)
-    x, style = torch.randn(3, 12, 8, 8), torch.randn(3, 8)
+    conv, x, style = seeded_modulated_conv(11, 12, 20, upsample, batch=3, size=8)
     with torch.no_grad():
         grouped = conv._forward_grouped(x, style)
         batched = conv(x, style)
@@ -211,9 +216,7 @@ def test_modulated_conv_batched_equals_grouped(upsample):
 
 
 def test_modulated_conv_batched_gradients_match():
-    torch.manual_seed(12)
-    conv = ModulatedConv2d(6, 10, 3, 8, upsample=True)
-    x, style = torch.randn(2, 6, 4, 4), torch.randn(2, 8)
+    conv, x, style = seeded_modulated_conv(12, 6, 10, True, batch=2, size=4)
     grads = []
     for form in (conv._forward_grouped, conv._forward_batched):
         conv.zero_grad()
@@ -226,9 +229,7 @@ def test_modulated_conv_batched_gradients_match():
 @pytest.mark.parametrize("upsample", [False, True])
 def test_modulated_conv_weight_cache_follows_the_weights(upsample):
     """The cached scaled weight is built once in inference and rebuilt after an in-place edit or a load."""
-    torch.manual_seed(14)
-    conv = ModulatedConv2d(6, 10, 3, 8, upsample=upsample)
-    x, style = torch.randn(2, 6, 5, 5), torch.randn(2, 8)
+    conv, x, style = seeded_modulated_conv(14, 6, 10, upsample, batch=2, size=5)
     with torch.no_grad():
         first = conv(x, style)
         cached = conv._weight_cache
