@@ -19,7 +19,8 @@ Two implementations of the expensive parts live side by side, chosen by `fast_pa
 Both compute the anchor picks from float32 logits with the same float32 arithmetic, so from the
 same motion maps float32 picks are identical (tests/test_speed_paths.py) and half-precision models
 change no more picks than before (the two motion decoder forms differ by rounding, which can flip a
-near-tie pick, as another CPU or thread count can). The switch exists so that one process can time and compare both.
+near-tie pick, as another CPU or thread count can). The switch exists so that one process can time
+and compare both.
 
 On CUDA tensors the fast path takes the anchor picks from a fused Triton kernel where one can run
 (`anchor_argmax_triton`: the same float32 reduction without the map; the picks may differ from
@@ -82,16 +83,17 @@ _FAST_PATHS = True
 log = logging.getLogger(__name__)
 
 ARGMAX_KERNEL_MODES = ("auto", "triton", "torch")
-WINDOW_KERNEL_MODES = ("triton", "torch")
-# Device types whose tensors may go to the window kernel (tests widen it to "cpu" under the interpreter).
-WINDOW_KERNEL_DEVICE_TYPES = ("cuda",)
-_WINDOW_KERNEL = "torch"
 # Device types whose tensors may go to the Triton kernel (tests widen it to "cpu" under the interpreter).
 ARGMAX_KERNEL_DEVICE_TYPES = ("cuda",)
 _ARGMAX_KERNEL = "auto"
 # Set when the kernel failed in "auto" mode: the torch code from then on, without retrying each call.
 _argmax_kernel_failure: str | None = None
 _logged_kernel_reasons: set[str] = set()
+
+WINDOW_KERNEL_MODES = ("triton", "torch")
+# Device types whose tensors may go to the window kernel (tests widen it to "cpu" under the interpreter).
+WINDOW_KERNEL_DEVICE_TYPES = ("cuda",)
+_WINDOW_KERNEL = "torch"
 
 
 @contextmanager
