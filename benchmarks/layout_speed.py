@@ -29,7 +29,6 @@ import copy
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,24 +39,12 @@ sys.path.insert(0, str(ROOT))
 import imtalker_core as imt  # noqa: E402
 from imtalker_core.pipeline import prepare_render_source, render_batch  # noqa: E402
 from imtalker_core.renderer.synthesis import set_inference_layout  # noqa: E402
+from _timing import timed  # noqa: E402
 from tests.helpers.standin import standin_renderer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VARIANTS = {"plain": (False, False, False), "channels_last": (True, False, False), "fold": (False, True, False),
             "both": (True, True, False), "phases": (False, False, True), "all": (True, True, True)}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,22 +33,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _timing import timed  # noqa: E402
 from imtalker_core.layers.attention import fast_paths  # noqa: E402
 from tests.helpers.standin import standin_renderer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMS = {"grouped": False, "batched": True}  # form → fast paths on
 LAYOUTS = {"nchw": False, "channels_last": True}  # MotionEncoder.channels_last
-
-
-def timed(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
 
 
 def compare(variants: dict, run, batch: int, repeats: int, device: torch.device) -> str:
@@ -59,10 +49,9 @@ def compare(variants: dict, run, batch: int, repeats: int, device: torch.device)
     for _ in range(repeats):
         for name, setting in variants.items():
             times[name].append(timed(lambda: run(setting), device)[1] / batch * 1e3)
-    first, second = (outputs[name] for name in variants)
-    first, second = (first if isinstance(first, list) else [first]), (second if isinstance(second, list) else [second])
-    diff = max(((b.float() - a.float()).abs().max() / a.float().abs().max()).item() for a, b in zip(first, second))
     names = list(variants)
+    first, second = ([outputs[n]] if isinstance(outputs[n], torch.Tensor) else outputs[n] for n in names)
+    diff = max(((b.float() - a.float()).abs().max() / a.float().abs().max()).item() for a, b in zip(first, second))
     cells = [f"{statistics.median(times[n]):.1f}, {min(times[n]):.1f}" for n in names]
     return f"| {batch} | {cells[0]} | {cells[1]} | {min(times[names[0]]) / min(times[names[1]]):.2f}× | {diff:.1e} |"
 
