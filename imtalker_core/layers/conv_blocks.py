@@ -79,6 +79,11 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def inferring(module: nn.Module) -> bool:
+    """Eval mode with autograd off: where the inference layouts and caches apply."""
+    return not module.training and not torch.is_grad_enabled()
+
+
 def layout_enabled(setting: bool | None, defaults: dict[str, bool], device: torch.device) -> bool:
     """`setting`, or the device type's entry in `defaults` (`CHANNELS_LAST_BY_DEVICE`,
     `FOLD_BATCHNORM_BY_DEVICE`) when it is None."""
@@ -116,16 +121,21 @@ class InferenceConvs(ParameterCaches):
 
     def inferring(self) -> bool:
         """Eval mode with autograd off: the only state in which the layout settings apply."""
-        return not self.training and not torch.is_grad_enabled()
+        return inferring(self)
+
+    def _inference_weights(self, x: torch.Tensor, norm: nn.BatchNorm2d | None) -> tuple[bool, bool]:
+        """(fold `norm` into the conv?, channels-last weights?) for an inference conv of `x`."""
+        fold = (norm is not None and norm.running_mean is not None
+                and layout_enabled(self.fold_batchnorm, FOLD_BATCHNORM_BY_DEVICE, x.device))
+        channels_last = is_channels_last(x) and layout_enabled(self.channels_last, CHANNELS_LAST_BY_DEVICE,
+                                                                x.device)
+        return fold, channels_last
 
     def _conv(self, x: torch.Tensor, name: str, conv: nn.Conv2d, norm: nn.BatchNorm2d | None = None) -> torch.Tensor:
         """`norm(conv(x))` (`conv(x)` without `norm`); `name` keys the cache entry."""
         if not self.inferring():
             return norm(conv(x)) if norm is not None else conv(x)
-        fold = (norm is not None and norm.running_mean is not None
-                and layout_enabled(self.fold_batchnorm, FOLD_BATCHNORM_BY_DEVICE, x.device))
-        channels_last = is_channels_last(x) and layout_enabled(self.channels_last, CHANNELS_LAST_BY_DEVICE,
-                                                                x.device)
+        fold, channels_last = self._inference_weights(x, norm)
         if not (fold or channels_last):
             return norm(conv(x)) if norm is not None else conv(x)
         layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -141,10 +151,7 @@ class InferenceConvs(ParameterCaches):
         if not (self.inferring() and layout_enabled(self.upsample_phases, UPSAMPLE_PHASES_BY_DEVICE, x.device)):
             return self._conv(F.interpolate(x, scale_factor=2.0, mode="nearest"), name, conv, norm)
         assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.groups == 1
-        fold = (norm is not None and norm.running_mean is not None
-                and layout_enabled(self.fold_batchnorm, FOLD_BATCHNORM_BY_DEVICE, x.device))
-        channels_last = is_channels_last(x) and layout_enabled(self.channels_last, CHANNELS_LAST_BY_DEVICE,
-                                                                x.device)
+        fold, channels_last = self._inference_weights(x, norm)
         layout = torch.channels_last if channels_last else torch.contiguous_format
         weight, bias = self._cached_weights(name + "/phases", conv, norm if fold else None, x.dtype, layout,
                                             phases=True)

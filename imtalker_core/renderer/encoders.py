@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RendererConfig
-from ..layers.conv_blocks import CHANNELS_LAST_BY_DEVICE, ConvResBlock, layout_enabled
+from ..layers.conv_blocks import CHANNELS_LAST_BY_DEVICE, ConvResBlock, inferring, layout_enabled
 from ..layers.stylegan import ConvLayer, EqualConv2d, EqualLinear
 
 
@@ -80,8 +80,7 @@ class MotionEncoder(nn.Module):
         self.linear_layers, self.final_linear = _mapping_head(chans[-1], cfg.latent_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not self.training and not torch.is_grad_enabled()
-                and layout_enabled(self.channels_last, CHANNELS_LAST_BY_DEVICE, x.device)):
+        if inferring(self) and layout_enabled(self.channels_last, CHANNELS_LAST_BY_DEVICE, x.device):
             x = x.contiguous(memory_format=torch.channels_last)
         x = F.leaky_relu(self.conv1(x), 0.2)
         for block in self.res_blocks:
