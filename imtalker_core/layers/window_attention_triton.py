@@ -25,13 +25,12 @@ import contextlib
 
 import torch
 
-from .anchor_argmax_triton import available, tl, triton, unavailable_reason
+# The availability probe, the dtypes both kernels read and CUDA's grid limit are the argmax kernel's.
+from .anchor_argmax_triton import MAX_GRID_Y, SUPPORTED_DTYPES, available, tl, triton, unavailable_reason
 
 MAX_TOKENS = 64
 MAX_HEAD_DIM = 64
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NUM_WARPS = 4
-MAX_GRID_Y = 65535
 
 __all__ = ["available", "unavailable_reason", "unsupported_reason", "window_attention_triton"]
 
