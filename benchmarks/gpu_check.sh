@@ -11,7 +11,8 @@
 # Steps, run in this order (their names are the log and JSON names): the CUDA-only tests (the Triton kernel
 # against the torch code, the look-ahead copy); where a frame's time goes, eager and compiled (profile*); the
 # renderer per precision and batch size; the 10 s clip eager; the streaming latency and cold start; the
-# synthesis layouts on CUDA (channels-last, BatchNorm fold, up-sampling phases); the motion encoder's layouts
+# synthesis layouts on CUDA (channels-last, BatchNorm fold, up-sampling phases, each with the torch window attention
+# and the Triton window kernel); the motion encoder's layouts
 # and the decoder's two modulated-conv forms; the Triton window-attention kernel; the torch argmax; parity;
 # torch.compile "reduce-overhead" alone; the clip eager and compiled. Each
 # step has its own time limit so that one hang costs only itself; the default steps' limits add up to under
@@ -57,7 +58,8 @@ step speed_clip 60 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch
     --paths fast --sections renderer generator audio clip --json "$out/speed_clip.json"
 step stream 60 "$py" benchmarks/stream_latency.py --device cuda --batch-size 8 --first-batch-sizes 1 8 \
     --frames 150 --json "$out/stream.json"
-step layout 90 "$py" benchmarks/layout_speed.py --device cuda --dtype fp16 --batch-sizes 1 32 --repeats 5
+step layout 120 "$py" benchmarks/layout_speed.py --device cuda --dtype fp16 --batch-sizes 1 32 --repeats 5 \
+    --variants plain both phases all --window-kernels torch triton
 step motion 60 "$py" benchmarks/motion_speed.py --device cuda --dtype fp16 --batch-sizes 1 8 32 64
 # The Triton window-attention kernel (off by default until this says it pays), eager; its parity rows too.
 step speed_window_kernel 120 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 fp32 --batch-sizes 1 8 32 \

@@ -3,6 +3,7 @@ up-sampling convs as 2×2 phase convs (issue 11).
 
     python benchmarks/layout_speed.py [--batch-sizes 1 2] [--repeats 7] [--threads 2] [--device cpu]
                                       [--dtype fp32] [--variants plain channels_last fold both phases all]
+                                      [--window-kernels torch triton]
 
 Builds the full-size renderer on deterministic stand-in weights (tests/helpers/standin.py; speed does
 not depend on the values), encodes a random 512² source once, then renders motion latents → frames
@@ -15,9 +16,12 @@ through `pipeline.render_batch` under each variant of `synthesis.set_inference_l
 - phases:        channels_last=False, fold_batchnorm=False, upsample_phases=True
 - all:           channels_last=True,  fold_batchnorm=True,  upsample_phases=True (the CPU default)
 
+With `--window-kernels torch triton` each layout runs twice, with the torch window attention and with
+the Triton kernel (`attention.window_kernel`; CUDA only), named e.g. "all+triton".
+
 Every variant has its own copy of the model, so no variant rebuilds another's cached weights. The
 variants take turns within every repeat (a busy, shared machine slows all of them alike) and the
-table gives the median and the fastest seconds per frame of the whole `render_batch` and of the
+table gives the median and the fastest milliseconds per frame of the whole `render_batch` and of the
 synthesis network alone (same inputs), after one warm-up batch per variant; on a shared machine the
 fastest run is the better estimate of the unloaded speed. The last columns compare each variant's frames
 with the plain variant's: max abs difference and PSNR (peak 1).
@@ -37,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import imtalker_core as imt  # noqa: E402
+from imtalker_core.layers import attention  # noqa: E402
 from imtalker_core.pipeline import prepare_render_source, render_batch  # noqa: E402
 from imtalker_core.renderer.synthesis import set_inference_layout  # noqa: E402
 from _timing import timed  # noqa: E402
@@ -60,6 +65,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--window-kernels", nargs="+", default=["torch"], choices=list(attention.WINDOW_KERNEL_MODES),
+                    help="the window attention of each variant: the torch code, the Triton kernel (CUDA) or both")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -69,30 +76,41 @@ def main() -> int:
     identity, source = prepare_render_source(model, imt.encode_identity(model, torch.rand(1, 3, 512, 512)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {args.dtype}, "  # noqa: T201
           f"{args.repeats} repeats")
-    print("| batch | variant | render_batch s/frame (median, min) | synthesis s/frame (median, min) "  # noqa: T201
+    print("| batch | variant | render_batch ms/frame (median, min) | synthesis ms/frame (median, min) "  # noqa: T201
           "| max abs diff vs plain | PSNR dB |")
     print("| --- | --- | --- | --- | --- | --- |")  # noqa: T201
-    models = {}
-    for name in args.variants:
-        models[name] = copy.deepcopy(model)
-        set_inference_layout(models[name], *VARIANTS[name])
+    models, kernels = {}, {}
+    for layout in args.variants:
+        copied = copy.deepcopy(model)
+        set_inference_layout(copied, *VARIANTS[layout])
+        for kernel in args.window_kernels:
+            name = layout if kernel == "torch" else f"{layout}+{kernel}"
+            models[name], kernels[name] = copied, kernel
+
+    def render(name, *inputs):
+        with attention.window_kernel(kernels[name]):
+            return render_batch(models[name], *inputs)
+
+    def synthesize(name, aligned):
+        with attention.window_kernel(kernels[name]):
+            return models[name].frame_decoder(aligned)
     for batch in args.batch_sizes:
         latents = torch.randn(batch, model.cfg.latent_dim, generator=torch.Generator().manual_seed(batch))
         aligned = []
         hook = model.frame_decoder.register_forward_pre_hook(lambda module, inputs: aligned.append(inputs[0]))
         render_batch(model, identity, source, latents)
         hook.remove()
-        times = {name: ([], []) for name in args.variants}
-        # Warm-up: builds every variant's cached weights.
-        frames = {name: render_batch(models[name], identity, source, latents).cpu() for name in args.variants}
+        times = {name: ([], []) for name in models}
+        # Warm-up: builds every variant's cached weights (and compiles the Triton kernel).
+        frames = {name: render(name, identity, source, latents).cpu() for name in models}
         for _ in range(args.repeats):
-            for name in args.variants:
-                variant = models[name]
-                times[name][0].append(timed(lambda: render_batch(variant, identity, source, latents), device)[1])
-                times[name][1].append(timed(lambda: variant.frame_decoder(aligned[0]), device)[1])
+            for name in models:
+                times[name][0].append(timed(lambda: render(name, identity, source, latents), device)[1])
+                times[name][1].append(timed(lambda: synthesize(name, aligned[0]), device)[1])
         reference = frames.get("plain")
-        for name in args.variants:
-            whole, synthesis = (f"{statistics.median(t) / batch:.3f}, {min(t) / batch:.3f}" for t in times[name])
+        for name in models:
+            whole, synthesis = (f"{1e3 * statistics.median(t) / batch:.2f}, {1e3 * min(t) / batch:.2f}"
+                                for t in times[name])
             if reference is None:
                 diff, quality = "–", "–"
             else:
