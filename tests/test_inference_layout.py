@@ -21,6 +21,7 @@ from imtalker_core.config import tiny_renderer_config
 from imtalker_core.layers import conv_blocks
 from imtalker_core.layers.conv_blocks import ConvBlock, ConvResBlock, InferenceConvs, fold_conv_batchnorm
 from imtalker_core.renderer.synthesis import as_channels_last, set_inference_layout
+from imtalker_core.renderer.encoders import MOTION_CHANNELS_LAST_BY_DEVICE
 
 # Frames are in [0, 1]; float32 rounding of the fold and of NHWC accumulation measured ≤ 3e-7 here.
 FRAME_TOL = 2e-6
@@ -358,10 +359,15 @@ def test_defaults_per_device(renderer, synthesis_inputs):
     with torch.no_grad():
         assert synthesis.uses_channels_last(cpu)
         assert not synthesis.uses_channels_last(meta)  # devices that were not measured stay NCHW
+    # Measured defaults: channels-last and the fold on a CPU and on CUDA, the up-sampling phases on a CPU only,
+    # the motion encoder's channels-last on a CPU only; explicit settings win everywhere.
+    cuda_on = {id(conv_blocks.CHANNELS_LAST_BY_DEVICE): True, id(conv_blocks.FOLD_BATCHNORM_BY_DEVICE): True,
+               id(conv_blocks.UPSAMPLE_PHASES_BY_DEVICE): False, id(MOTION_CHANNELS_LAST_BY_DEVICE): False}
     for defaults in (conv_blocks.CHANNELS_LAST_BY_DEVICE, conv_blocks.FOLD_BATCHNORM_BY_DEVICE,
-                     conv_blocks.UPSAMPLE_PHASES_BY_DEVICE):
+                     conv_blocks.UPSAMPLE_PHASES_BY_DEVICE, MOTION_CHANNELS_LAST_BY_DEVICE):
         assert conv_blocks.layout_enabled(None, defaults, torch.device("cpu"))
-        assert not conv_blocks.layout_enabled(None, defaults, torch.device("cuda"))
+        assert conv_blocks.layout_enabled(None, defaults, torch.device("cuda")) is cuda_on[id(defaults)]
+        assert not conv_blocks.layout_enabled(None, defaults, torch.device("mps"))
         assert conv_blocks.layout_enabled(True, defaults, torch.device("cuda"))
         assert not conv_blocks.layout_enabled(False, defaults, torch.device("cpu"))
     encoder_blocks = [m for m in renderer.dense_feature_encoder.modules() if isinstance(m, InferenceConvs)]
@@ -383,7 +389,7 @@ def test_defaults_per_device(renderer, synthesis_inputs):
 
 
 def test_devices_without_defaults_keep_the_plain_path(renderer, synthesis_inputs, monkeypatch):
-    """Where the defaults are off (CUDA, simulated on the CPU), the network computes exactly the plain
+    """Where the defaults are off (MPS, say; simulated on the CPU), the network computes exactly the plain
     frames and caches nothing, even where the coarse levels hand it channels-last tensors."""
     monkeypatch.delitem(conv_blocks.CHANNELS_LAST_BY_DEVICE, "cpu")
     monkeypatch.delitem(conv_blocks.FOLD_BATCHNORM_BY_DEVICE, "cpu")

@@ -26,15 +26,17 @@ BLOCK_SLOPE = 0.01
 # batch 1 and 2, benchmarks/layout_speed.py): channels-last makes the synthesis network 6-9 % faster
 # (oneDNN's NHWC convolutions, cached NHWC weights, no token copies in the attention blocks); the fold
 # adds 0-3 % on top (the bias is added inside the conv, saving the BatchNorm's pass) and costs no
-# memory once the channels-last weights are cached anyway; alone it is within the noise. On CUDA
-# neither was measured: cuDNN transposes NCHW around its NHWC kernels (~7 % of a frame on an H100), so
-# channels-last should pay there too; opt in with set_inference_layout(model, True, True).
-CHANNELS_LAST_BY_DEVICE = {"cpu": True}
-FOLD_BATCHNORM_BY_DEVICE = {"cpu": True}
+# memory once the channels-last weights are cached anyway; alone it is within the noise. On an H200
+# (fp16, benchmarks/layout_speed.py --device cuda --dtype fp16 --batch-sizes 1 32, 5 alternated repeats,
+# 2026-11-27) the two together took the renderer from 14.7 to 12.6 ms a frame at batch 1 and from 3.50
+# to 3.35 ms at batch 32 (cuDNN runs NHWC kernels, so NCHW inputs cost it two transposes per conv).
+CHANNELS_LAST_BY_DEVICE = {"cpu": True, "cuda": True}
+FOLD_BATCHNORM_BY_DEVICE = {"cpu": True, "cuda": True}
 # The up-sampling convs as four 2×2 convs on the small map: 4/9 of their multiply-adds and no ×2 copy of
 # the input. On a CPU (fp32, 2 threads, channels-last, batch 2) the five up-sampling convs took 54 → 32 ms
-# a frame, the synthesis network 0.723 → 0.714 s (benchmarks/layout_speed.py, variants "both" and "all");
-# on CUDA not measured (cuDNN's 3×3 kernels may beat four 2×2 ones), so off there until a GPU run says so.
+# a frame, the synthesis network 0.723 → 0.714 s (benchmarks/layout_speed.py, variants "both" and "all").
+# On the H200 run above they changed nothing beside channels-last and the fold (3.34 vs 3.35 ms at batch
+# 32) and cost 7 % alone (3.61 vs 3.50): cuDNN's 3×3 kernels are as fast as four 2×2 ones, so off there.
 UPSAMPLE_PHASES_BY_DEVICE = {"cpu": True}
 
 

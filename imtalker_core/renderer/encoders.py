@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RendererConfig
-from ..layers.conv_blocks import CHANNELS_LAST_BY_DEVICE, ConvResBlock, inferring, layout_enabled
+from ..layers.conv_blocks import ConvResBlock, inferring, layout_enabled
 from ..layers.stylegan import ConvLayer, EqualConv2d, EqualLinear
 
 
@@ -58,14 +58,19 @@ class MotionResBlock(nn.Module):
         return self.conv2(self.conv1(x)) + self.skip(x)
 
 
+# The motion encoder's own default (its convs are not the synthesis network's: see MotionEncoder).
+MOTION_CHANNELS_LAST_BY_DEVICE = {"cpu": True}
+
+
 class MotionEncoder(nn.Module):
     """Image `[B, 3, S, S]` in [0, 1] → motion latent `[B, latent_dim]` (official: 32).
 
-    `channels_last` (None: the device default, `conv_blocks.CHANNELS_LAST_BY_DEVICE`; True; False): in
+    `channels_last` (None: the device default, `MOTION_CHANNELS_LAST_BY_DEVICE`; True; False): in
     inference (eval mode, autograd off) the image is made channels-last, and every conv, blur and sum
     after it keeps that layout (the parameters stay as they are). On a CPU (fp32, 2 threads, batch 4)
     that takes a driving frame's encoding from 1.7 to 1.27 s (156 GFLOP a frame, more than rendering
-    it); results change by rounding only (~1e-6). Not measured on CUDA, so off there by default.
+    it); results change by rounding only (~1e-6). On an H200 (fp16) it is 2.9× slower (6.3 vs 2.2 ms a
+    frame at batch 32, `benchmarks/motion_speed.py --device cuda --dtype fp16`), so off there.
     """
 
     channels_last: bool | None = None
@@ -80,7 +85,7 @@ class MotionEncoder(nn.Module):
         self.linear_layers, self.final_linear = _mapping_head(chans[-1], cfg.latent_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if inferring(self) and layout_enabled(self.channels_last, CHANNELS_LAST_BY_DEVICE, x.device):
+        if inferring(self) and layout_enabled(self.channels_last, MOTION_CHANNELS_LAST_BY_DEVICE, x.device):
             x = x.contiguous(memory_format=torch.channels_last)
         x = F.leaky_relu(self.conv1(x), 0.2)
         for block in self.res_blocks:

@@ -100,7 +100,8 @@ def set_inference_layout(module: nn.Module, channels_last: bool | None = None,
     """Choose the inference layout of every synthesis network in `module` (a renderer or any part of
     it) and of its conv blocks: True or False, or None for the per-device defaults
     (`conv_blocks.CHANNELS_LAST_BY_DEVICE`, `conv_blocks.FOLD_BATCHNORM_BY_DEVICE`,
-    `conv_blocks.UPSAMPLE_PHASES_BY_DEVICE`: on for a CPU, off elsewhere). The identity encoder,
+    `conv_blocks.UPSAMPLE_PHASES_BY_DEVICE`: channels-last and the fold on a CPU and on CUDA, the
+    phases on a CPU only, all off elsewhere). The identity encoder,
     which runs once per video, keeps its plain layout.
 
     The cached weights cost one more copy of the synthesis network's conv weights (41.6 M values,
