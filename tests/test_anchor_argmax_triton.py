@@ -47,6 +47,13 @@ CASES = {
     "exact-ties": (2, 1, 4, 24, 150, 16, torch.float32, 0.25, 64, "ties"),
     "near-ties": (1, 1, 4, 32, 100, 16, torch.float32, 0.25, 32, "near-ties"),
 }
+# The launch options on some cases: other key blocks and warps, and half inputs on CUDA cores instead of
+# the (exact) tensor-core products.
+OPTION_CASES = {
+    "fp16-cuda-cores-32-keys": ("fp16-per-frame-keys", dict(tensor_cores=False, block_n=32, num_warps=2)),
+    "bf16-128-keys": ("bf16-width-8-odd-scale", dict(block_n=128, num_warps=8)),
+    "fp32-16-keys": ("fp32-shared-keys-ragged", dict(block_n=16, tensor_cores=False)),
+}
 TIED_KEYS = (7, 30, 64, 129)  # two in the first 64-key block, one opening the second, one in the third
 
 
@@ -118,6 +125,9 @@ def _interpreter_worker(out_path: str) -> None:
     for name, case in CASES.items():
         q, k = case_inputs(name)
         results[f"picks/{name}"] = K.head_mean_argmax_triton(q, k, case[7], block_m=case[8])
+    for name, (case_name, options) in OPTION_CASES.items():
+        q, k = case_inputs(case_name)
+        results[f"options/{name}"] = K.head_mean_argmax_triton(q, k, CASES[case_name][7], **options)
     calls = count_calls(K, "head_mean_argmax_triton")
     A.ARGMAX_KERNEL_DEVICE_TYPES = ("cpu",)
     for dim, heads in ((32, 4), (64, 4)):  # head widths 8 (padded) and 16
@@ -147,6 +157,23 @@ def interpreted(tmp_path_factory):
 def test_kernel_picks_equal_torch_on_random_inputs(interpreted, name):
     q, k = case_inputs(name)
     assert_picks(q, k, CASES[name][7], interpreted[f"picks/{name}"], exact=True)
+
+
+@pytest.mark.parametrize("name", list(OPTION_CASES))
+def test_launch_options_keep_the_picks(interpreted, name):
+    case_name = OPTION_CASES[name][0]
+    q, k = case_inputs(case_name)
+    assert_picks(q, k, CASES[case_name][7], interpreted[f"options/{name}"], exact=True)
+
+
+def test_launch_options_are_checked():
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="TF32 would round"):
+        K.head_mean_argmax_triton(q, k, 0.25, tensor_cores=True)
+    with pytest.raises(ValueError, match="block_n=48"):
+        K.head_mean_argmax_triton(q.half(), k.half(), 0.25, block_n=48)
+    with pytest.raises(ValueError, match="block_m=8: use a power of two"):
+        K.head_mean_argmax_triton(q, k, 0.25, block_m=8)
 
 
 def test_exact_ties_pick_the_lowest_index(interpreted):
@@ -367,10 +394,12 @@ def test_cuda_kernel_matches_torch(dtype):
     for kb in (1, 2):
         q = torch.randn(2, 8, 1024, 16, device="cuda", generator=g).to(dtype)
         k = torch.randn(kb, 8, 4096, 16, device="cuda", generator=g).to(dtype)
-        picks = K.head_mean_argmax_triton(q, k, 0.25)
-        assert_picks(q, k, 0.25, picks, exact=False)
         expected, _ = A.head_mean_argmax(q, k, 0.25)
-        assert (picks != expected).float().mean() < 1e-3
+        # Half inputs: the tensor-core products (default) and the CUDA-core ones.
+        for tensor_cores in (None, False) if dtype != torch.float32 else (None,):
+            picks = K.head_mean_argmax_triton(q, k, 0.25, tensor_cores=tensor_cores)
+            assert_picks(q, k, 0.25, picks, exact=False)
+            assert (picks != expected).float().mean() < 1e-3
     attn = A.FullAttention(128, 8).cuda().to(dtype).eval()
     query = torch.randn(2, 4096, 128, device="cuda", generator=g).to(dtype)
     source = torch.randn(1, 4096, 128, device="cuda", generator=g).to(dtype)

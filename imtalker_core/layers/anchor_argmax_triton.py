@@ -1,10 +1,12 @@
 """The anchor level's head-averaged attention argmax as two Triton kernels that never build the map.
 
 Same reduction as `attention.head_mean_argmax`: for every query, the key with the largest
-head-averaged softmax weight, from float32 logits `(q·kᵀ)·scale` (inputs cast to float32 exactly,
-IEEE float32 dot products: never TF32), a float32 softmax over the keys per head, the sum over
-heads (the mean's argmax) and the lowest key index among equal best values. Two passes over
-blocks of `BLOCK_N` keys for each block of `BLOCK_M` queries:
+head-averaged softmax weight, from float32 logits `(q·kᵀ)·scale` (inputs cast to float32 exactly;
+IEEE float32 dot products for float32 inputs, never TF32; for fp16/bf16 inputs, whose values and
+products TF32 tensor cores hold exactly, the products on those: exact products, float32 sums), a
+float32 softmax over the keys per head, the sum over heads (the mean's argmax) and the lowest key
+index among equal best values. Two passes over blocks of `BLOCK_N` keys for each block of `BLOCK_M`
+queries:
 
 1. per (query, head): the running maximum `m` of the logits and the normaliser
    `z = Σ exp(l − m)` (online softmax, rescaled whenever `m` grows); stores `m` and `1/z`;
@@ -48,6 +50,8 @@ BLOCK_M_CHOICES = (64, 32, 16)
 # the official anchor level has 16).
 MAX_HEAD_DIM = 64
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Inputs whose products run on tensor cores (exactly: see `_logits`).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 NUM_WARPS = 4
 # CUDA's limit on the second grid axis (frames · heads in pass 1).
 MAX_GRID_Y = 65535
@@ -59,8 +63,9 @@ if triton is not None:
     @triton.jit
     def _logits(q_base, k_base, stride_qn, stride_qd, stride_kn, stride_kd, offs_m, offs_n, offs_d,
                 n_queries, n_keys, head_dim, scale,
-                POST_SCALE: tl.constexpr):
-        """Float32 logits `[BLOCK_M, BLOCK_N]` of one head; rows/keys outside the tensors read zeros."""
+                POST_SCALE: tl.constexpr, TENSOR_CORES: tl.constexpr):
+        """Float32 logits `[BLOCK_M, BLOCK_N]` of one head; rows/keys outside the tensors read zeros.
+        TENSOR_CORES (half-precision inputs only): the product on TF32 tensor cores, exact for them."""
         d_ok = offs_d < head_dim
         q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                     mask=(offs_m < n_queries)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
@@ -68,7 +73,12 @@ if triton is not None:
                      mask=d_ok[:, None] & (offs_n < n_keys)[None, :], other=0.0).to(tl.float32)
         if not POST_SCALE:
             q = q * scale  # a power of two: exact, the same logits as scaling after the product
-        logits = tl.dot(q, kt, input_precision="ieee")
+        if TENSOR_CORES:
+            # fp16 and bf16 values (times a power of two) are exact in TF32 and their products exact in
+            # float32: only the float32 accumulation may round differently, as the FMA order does.
+            logits = tl.dot(q, kt, input_precision="tf32")
+        else:
+            logits = tl.dot(q, kt, input_precision="ieee")
         if POST_SCALE:
             logits = logits * scale  # parity: the reference scales the logits after the product
         return logits
@@ -79,7 +89,8 @@ if triton is not None:
             stride_qb, stride_qh, stride_qn, stride_qd,
             stride_kb, stride_kh, stride_kn, stride_kd,
             n_heads, n_queries, n_keys, head_dim, scale,
-            POST_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+            POST_SCALE: tl.constexpr, TENSOR_CORES: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """Pass 1, one program per (query block, frame · head): `m` and `1/z` into `[B, H, Nq]` buffers."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -94,7 +105,7 @@ if triton is not None:
         for start in range(0, n_keys, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             logits = _logits(q_base, k_base, stride_qn, stride_qd, stride_kn, stride_kd, offs_m, offs_n, offs_d,
-                             n_queries, n_keys, head_dim, scale, POST_SCALE)
+                             n_queries, n_keys, head_dim, scale, POST_SCALE, TENSOR_CORES)
             logits = tl.where((offs_n < n_keys)[None, :], logits, float("-inf"))
             # Every block holds at least one real key, so m_new is finite and exp(m - m_new) is 0 at first.
             m_new = tl.maximum(m, tl.max(logits, axis=1))
@@ -111,7 +122,8 @@ if triton is not None:
             stride_qb, stride_qh, stride_qn, stride_qd,
             stride_kb, stride_kh, stride_kn, stride_kd,
             n_heads, n_queries, n_keys, head_dim, scale,
-            POST_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+            POST_SCALE: tl.constexpr, TENSOR_CORES: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """Pass 2, one program per (query block, frame): the argmax over keys of Σ_h softmax weights."""
         pid_m = tl.program_id(0)
         b = tl.program_id(1)
@@ -129,7 +141,7 @@ if triton is not None:
                 q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
                 k_base = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
                 logits = _logits(q_base, k_base, stride_qn, stride_qd, stride_kn, stride_kd, offs_m, offs_n,
-                                 offs_d, n_queries, n_keys, head_dim, scale, POST_SCALE)
+                                 offs_d, n_queries, n_keys, head_dim, scale, POST_SCALE, TENSOR_CORES)
                 stats = (b * n_heads + h).to(tl.int64) * n_queries + offs_m
                 m = tl.load(m_ptr + stats, mask=row_ok, other=0.0)
                 rz = tl.load(rz_ptr + stats, mask=row_ok, other=1.0)
@@ -217,26 +229,38 @@ def _block_m(device: torch.device, frames: int, queries: int) -> int:
     return BLOCK_M_CHOICES[-1]
 
 
-def head_mean_argmax_triton(q: torch.Tensor, k: torch.Tensor, scale: float,
-                            block_m: int | None = None) -> torch.Tensor:
+def head_mean_argmax_triton(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int | None = None,
+                            block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+                            tensor_cores: bool | None = None) -> torch.Tensor:
     """For every query, the key with the largest head-averaged softmax weight (see the module docstring).
 
     q: `[B, H, Nq, d]`; k: `[B or 1, H, Nk, d]` (batch 1: one source shared by the B frames, read in
     place, never copied); float32, float16 or bfloat16, any strides, on one device; `scale` a
-    positive float (`d ** -0.5`). `block_m` (16, 32 or 64) overrides the queries per program
-    (tests). Returns the argmax `[B, Nq]` int64 on q's device, ties → the lowest key index.
+    positive float (`d ** -0.5`). `block_m` overrides the queries per program (default: 64, or 32 or
+    16 where too few programs would fill the GPU), `block_n` the keys per step (both powers of two from
+    16 to 256) and `num_warps` the warps per program (tests and
+    benchmarks). `tensor_cores` (None: when q and k are both fp16 or both bf16) computes the products on
+    TF32 tensor cores, exact for half-precision values; False forces IEEE float32 products (CUDA cores)
+    as for float32 inputs, for which True is refused (TF32 would round them). Returns the argmax
+    `[B, Nq]` int64 on q's device, ties → the lowest key index.
 
     Raises RuntimeError when triton cannot run here and ValueError for inputs the kernel does not
     take; `unavailable_reason` / `unsupported_reason` say so beforehand.
     """
-    reason = unavailable_reason(q.device)
-    if reason is not None:
-        raise RuntimeError(f"the Triton anchor argmax cannot run: {reason}")
     reason = unsupported_reason(q, k)
     if reason is not None:
         raise ValueError(f"the Triton anchor argmax does not take these inputs: {reason}")
-    if block_m is not None and block_m not in BLOCK_M_CHOICES:
-        raise ValueError(f"block_m={block_m}: use one of {BLOCK_M_CHOICES}")
+    for option, value in (("block_m", block_m), ("block_n", block_n)):
+        if value is not None and (not 16 <= value <= 256 or value & (value - 1)):
+            raise ValueError(f"{option}={value}: use a power of two from 16 to 256")
+    half_inputs = q.dtype == k.dtype and q.dtype in HALF_DTYPES
+    if tensor_cores and not half_inputs:
+        raise ValueError(f"tensor_cores=True needs fp16 or bf16 q and k (got {q.dtype}/{k.dtype}): "
+                         "TF32 would round float32 inputs")
+    tensor_cores = half_inputs if tensor_cores is None else tensor_cores
+    reason = unavailable_reason(q.device)
+    if reason is not None:
+        raise RuntimeError(f"the Triton anchor argmax cannot run: {reason}")
     b, h, nq, d = q.shape
     nk = k.shape[2]
     block_d = max(16, triton.next_power_of_2(d))
@@ -249,7 +273,8 @@ def head_mean_argmax_triton(q: torch.Tensor, k: torch.Tensor, scale: float,
     rz = torch.empty_like(m)
     out = torch.empty(b, nq, device=q.device, dtype=torch.int64)
     sizes = (h, nq, nk, d, float(scale))
-    meta = dict(POST_SCALE=post_scale, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, num_warps=NUM_WARPS)
+    meta = dict(POST_SCALE=post_scale, TENSOR_CORES=tensor_cores, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=block_d, num_warps=num_warps)
     # Triton launches on the current CUDA device: make it q's.
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _max_and_normaliser_kernel[(triton.cdiv(nq, block_m), b * h)](q, k, m, rz, *strides, *sizes, **meta)
