@@ -8,22 +8,23 @@
 # Needs torch with CUDA, triton, transformers, safetensors, einops and pytest, not PyAV/OpenCV/soundfile/soxr:
 # none of the steps reads or writes media, so the lent GPU machines' stock image runs it as it is.
 #
-# Steps, run in this order (their names are the log and JSON names): the CUDA-only tests (the Triton kernel
-# against the torch code, the look-ahead copy); where a frame's time goes, eager and compiled (profile*); the
-# renderer per precision and batch size; the 10 s clip eager; the streaming latency and cold start; the
-# synthesis layouts on CUDA (channels-last, BatchNorm fold, up-sampling phases, each with the torch window attention
-# and the Triton window kernel); the motion encoder's layouts
-# and the decoder's two modulated-conv forms; the Triton window-attention kernel; the torch argmax; parity;
-# torch.compile "reduce-overhead" alone; the clip eager and compiled. Each
-# step has its own time limit so that one hang costs only itself; the default steps' limits add up to under
-# 10 minutes (about 5 in practice on an H200). benchmarks/results/2026-11-26-h200/ holds the last results.
+# Steps, run in this order (their names are the log and JSON names): the CUDA-only tests (the Triton kernels
+# against the torch code, the kernels inside compiled code, the look-ahead copy); the anchor argmax kernel's
+# launch options; where a frame's time goes, eager and compiled (profile*, and compiled with the torch window
+# attention); the renderer per precision and batch size; the 10 s clip eager; the streaming latency and cold
+# start; the synthesis layouts on CUDA (channels-last, BatchNorm fold, up-sampling phases) with each set of
+# the synthesis network's Triton kernels; the motion encoder's layouts and the decoder's two modulated-conv
+# forms; the Triton window-attention kernel forced; the torch argmax; parity; torch.compile
+# "reduce-overhead" alone; the clip eager and compiled. Each step has its own time limit so that one hang
+# costs only itself; the default steps' limits add up to about 10 minutes (about 5 in practice on an H200).
+# benchmarks/results/ holds the results of earlier runs, one folder per run.
 set -uo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
-all_steps=(cuda_tests speed_kernel speed_clip stream layout motion speed_torch_argmax parity parity_torch_argmax
+all_steps=(cuda_tests anchor_kernel speed_kernel speed_clip stream layout motion speed_torch_argmax parity parity_torch_argmax
            speed_compiled speed_compiled_large clip_compiled profile profile_compiled reference stream_compiled
-           speed_window_kernel)
+           speed_window_kernel profile_compiled_torch_window)
 default_steps=(cuda_tests profile profile_compiled speed_kernel clip_compiled)
 steps=("${@:-${default_steps[@]}}")
 for name in "${steps[@]}"; do
@@ -44,14 +45,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"
 # need PyAV; so the CUDA tests run from a copy of the core and the tests (they need neither the nodes nor media).
 tests_copy="$(mktemp -d)"
 cp -r imtalker_core tests "$tests_copy"/
-step cuda_tests 60 env -C "$tests_copy" "$py" -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
+step cuda_tests 150 env -C "$tests_copy" "$py" -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
     tests/test_anchor_argmax_triton.py tests/test_window_attention_triton.py tests/test_speed_paths.py \
-    tests/test_render_output.py tests/test_compiled.py
+    tests/test_render_output.py tests/test_compiled.py tests/test_compiled_kernels.py
+# The anchor argmax kernel's launch options (tensor-core products, tiles, warps) against the torch code.
+step anchor_kernel 90 "$py" benchmarks/anchor_kernel_speed.py --batch-sizes 32 --dtypes fp16 bf16 --block-m 64 128 \
+    --block-n 64 128 --warps 4 8
 step profile 60 "$py" benchmarks/profile_renderer.py --device cuda --dtype fp16 --batch-size 32 --batches 4 \
     --json "$out/profile.json"
 # "default", not "reduce-overhead": the profiler may see a CUDA graph's replay as one launch, not its kernels.
 step profile_compiled 150 "$py" benchmarks/profile_renderer.py --device cuda --dtype fp16 --batch-size 32 \
     --batches 4 --compile default --json "$out/profile_compiled.json"
+# The compiled frames step with the torch window attention instead of the kernel (profile_compiled: the kernel).
+step profile_compiled_torch_window 150 "$py" benchmarks/profile_renderer.py --device cuda --dtype fp16 \
+    --batch-size 32 --batches 4 --compile default --window-kernel torch --json "$out/profile_compiled_torch_window.json"
 step speed_kernel 120 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 fp32 tf32 --batch-sizes 1 8 32 64 \
     --frames 128 --repeats 2 --paths fast --sections anchor renderer parity --json "$out/speed_kernel.json"
 step speed_clip 60 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 16 32 --frames 64 \
@@ -59,7 +66,7 @@ step speed_clip 60 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch
 step stream 60 "$py" benchmarks/stream_latency.py --device cuda --batch-size 8 --first-batch-sizes 1 8 \
     --frames 150 --json "$out/stream.json"
 step layout 120 "$py" benchmarks/layout_speed.py --device cuda --dtype fp16 --batch-sizes 1 32 --repeats 5 \
-    --variants plain both phases all --window-kernels torch triton
+    --variants plain both --kernels none window layernorm window+layernorm
 step motion 60 "$py" benchmarks/motion_speed.py --device cuda --dtype fp16 --batch-sizes 1 8 32 64
 # The Triton window-attention kernel (off by default until this says it pays), eager; its parity rows too.
 step speed_window_kernel 120 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 fp32 --batch-sizes 1 8 32 \

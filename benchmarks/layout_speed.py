@@ -3,7 +3,7 @@ up-sampling convs as 2×2 phase convs (issue 11).
 
     python benchmarks/layout_speed.py [--batch-sizes 1 2] [--repeats 7] [--threads 2] [--device cpu]
                                       [--dtype fp32] [--variants plain channels_last fold both phases all]
-                                      [--window-kernels torch triton]
+                                      [--kernels none window layernorm window+layernorm]
 
 Builds the full-size renderer on deterministic stand-in weights (tests/helpers/standin.py; speed does
 not depend on the values), encodes a random 512² source once, then renders motion latents → frames
@@ -16,8 +16,10 @@ through `pipeline.render_batch` under each variant of `synthesis.set_inference_l
 - phases:        channels_last=False, fold_batchnorm=False, upsample_phases=True
 - all:           channels_last=True,  fold_batchnorm=True,  upsample_phases=True (the CPU default)
 
-With `--window-kernels torch triton` each layout runs twice, with the torch window attention and with
-the Triton kernel (`attention.window_kernel`; CUDA only), named e.g. "all+triton".
+With `--kernels` each layout runs once per set of the synthesis network's Triton kernels (CUDA only):
+"none" (the torch code), "window" (`attention.window_kernel`), "layernorm" (`attention.layernorm_kernel`)
+or "window+layernorm"; named e.g. "both+window" ("none" keeps the layout's name). The anchor argmax keeps
+its default (`attention.argmax_kernel`).
 
 Every variant has its own copy of the model, so no variant rebuilds another's cached weights. The
 variants take turns within every repeat (a busy, shared machine slows all of them alike) and the
@@ -48,6 +50,9 @@ from _timing import timed  # noqa: E402
 from tests.helpers.standin import standin_renderer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# kernel set → (window_kernel mode, layernorm_kernel mode)
+KERNEL_SETS = {"none": ("torch", "torch"), "window": ("triton", "torch"), "layernorm": ("torch", "triton"),
+               "window+layernorm": ("triton", "triton")}
 VARIANTS = {"plain": (False, False, False), "channels_last": (True, False, False), "fold": (False, True, False),
             "both": (True, True, False), "phases": (False, False, True), "all": (True, True, True)}
 
@@ -65,8 +70,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--window-kernels", nargs="+", default=["torch"], choices=list(attention.WINDOW_KERNEL_MODES),
-                    help="the window attention of each variant: the torch code, the Triton kernel (CUDA) or both")
+    ap.add_argument("--kernels", nargs="+", default=["none"], choices=list(KERNEL_SETS),
+                    help="the Triton kernels of each variant's synthesis network (CUDA)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -83,16 +88,18 @@ def main() -> int:
     for layout in args.variants:
         copied = copy.deepcopy(model)
         set_inference_layout(copied, *VARIANTS[layout])
-        for kernel in args.window_kernels:
-            name = layout if kernel == "torch" else f"{layout}+{kernel}"
-            models[name], kernels[name] = copied, kernel
+        for kernel_set in args.kernels:
+            name = layout if kernel_set == "none" else f"{layout}+{kernel_set}"
+            models[name], kernels[name] = copied, KERNEL_SETS[kernel_set]
 
     def render(name, *inputs):
-        with attention.window_kernel(kernels[name]):
+        window, layernorm = kernels[name]
+        with attention.window_kernel(window), attention.layernorm_kernel(layernorm):
             return render_batch(models[name], *inputs)
 
     def synthesize(name, aligned):
-        with attention.window_kernel(kernels[name]):
+        window, layernorm = kernels[name]
+        with attention.window_kernel(window), attention.layernorm_kernel(layernorm):
             return models[name].frame_decoder(aligned)
     for batch in args.batch_sizes:
         latents = torch.randn(batch, model.cfg.latent_dim, generator=torch.Generator().manual_seed(batch))

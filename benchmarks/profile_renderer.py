@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from imtalker_core import compiled, pipeline  # noqa: E402
 from imtalker_core.compiled import COMPILE_MODES  # noqa: E402
 from imtalker_core.precision import fp32_matmul  # noqa: E402
+from imtalker_core.layers import attention  # noqa: E402
 from imtalker_core.renderer import IMTRenderer  # noqa: E402
 from tests.helpers.standin import standin_renderer  # noqa: E402
 
@@ -136,6 +137,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=3, help="batches profiled")
     ap.add_argument("--warmup", type=int, default=1, help="untimed batches first (compiling, if any)")
     ap.add_argument("--compile", choices=COMPILE_MODES, default="off")
+    ap.add_argument("--argmax-kernel", default="auto", choices=list(attention.ARGMAX_KERNEL_MODES),
+                    help="the anchor picks: Triton kernel for half precision on CUDA (auto), always, or never")
+    ap.add_argument("--window-kernel", default="auto", choices=list(attention.WINDOW_KERNEL_MODES),
+                    help="the window attention: Triton kernel for half precision on CUDA (auto), always, or never")
     ap.add_argument("--top", type=int, default=25, help="rows of the kernel table")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
@@ -153,12 +158,14 @@ def main(argv=None) -> int:
     b = args.batch_size
     rows: list[dict] = []
     env = dict(torch=torch.__version__, device=str(device), dtype=name, batch=b, batches=args.batches,
-               compile=args.compile, threads=torch.get_num_threads(),
+               compile=args.compile, argmax_kernel=args.argmax_kernel, window_kernel=args.window_kernel,
+               threads=torch.get_num_threads(),
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    print(f"torch {env['torch']}, {env['gpu'] or device}, {name}, batch {b} × {args.batches}, compile {args.compile}",
-          file=sys.stderr)
+    print(f"torch {env['torch']}, {env['gpu'] or device}, {name}, batch {b} × {args.batches}, compile {args.compile}, "
+          f"argmax kernel {args.argmax_kernel}, window kernel {args.window_kernel}", file=sys.stderr)
 
-    with torch.no_grad(), fp32_matmul(device=device):
+    with (torch.no_grad(), fp32_matmul(device=device), attention.argmax_kernel(args.argmax_kernel),
+          attention.window_kernel(args.window_kernel)):
         identity = pipeline.encode_identity(model, image)
         identity, source = pipeline.prepare_render_source(model, identity)
         if args.compile != "off":

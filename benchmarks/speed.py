@@ -34,9 +34,10 @@ Paths (`--paths`): "plain" is the renderer as it was before issue 11 (float32 an
 values and argmax, source-only work redone per batch, explicit window attention); "fast" is the
 current default (`imtalker_core.layers.attention.fast_paths`) with the source prepared once
 (`IMTRenderer.prepare_source`); its anchor picks come from the Triton kernel on CUDA where it can
-run (`--argmax-kernel`, `imtalker_core.layers.attention.argmax_kernel`); `--window-kernel triton` runs
-the shifted-window attention as one Triton kernel (`attention.window_kernel`). Precision "tf32" is fp32
-weights with TF32 allowed; "fp32" is true float32 (TF32 off, `imtalker_core.precision.fp32_matmul`).
+run (`--argmax-kernel`, `imtalker_core.layers.attention.argmax_kernel`), and its shifted-window attention
+from one Triton kernel for half precision on CUDA (`--window-kernel`, `attention.window_kernel`).
+Precision "tf32" is fp32 weights with TF32 allowed; "fp32" is true float32 (TF32 off,
+`imtalker_core.precision.fp32_matmul`).
 
 CUDA timings use CUDA events after a warm-up and `torch.cuda.synchronize()`; peak memory is
 `torch.cuda.max_memory_allocated()` (weights included). Prints one markdown table; `--json OUT`
@@ -631,8 +632,9 @@ def main() -> int:
     ap.add_argument("--argmax-kernel", default="auto", choices=list(attention.ARGMAX_KERNEL_MODES),
                     help="anchor picks of the fast path outside the anchor section: the Triton kernel on CUDA "
                          "where it can run (auto), always (triton: fails where it cannot) or never (torch)")
-    ap.add_argument("--window-kernel", default="torch", choices=list(attention.WINDOW_KERNEL_MODES),
-                    help="shifted-window attention on CUDA: the torch code (default) or the Triton kernel")
+    ap.add_argument("--window-kernel", default="auto", choices=list(attention.WINDOW_KERNEL_MODES),
+                    help="shifted-window attention on CUDA: the Triton kernel for half precision (auto), always "
+                         "(triton) or never (torch)")
     ap.add_argument("--reference", type=Path, default=None,
                     help="a checkout of github.com/bigai-nlco/IMTalker: the reference section times its own loop")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")

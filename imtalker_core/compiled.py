@@ -23,6 +23,11 @@ ComfyUI's model management see the plain module. Moving or casting the model mak
 (its guards check the parameters), never run stale code. Frames agree with eager ones to float rounding
 (inductor fuses and reorders operations), not bit for bit.
 
+The renderer's Triton kernels (the anchor argmax, the window attention; `layers.attention`) enter its
+graph as custom ops (`layers.kernel_ops`) where `attention.prepare_compiled_kernels`, run eagerly before
+each compiling call, found them working for the model's device and dtype; elsewhere the torch code is
+traced, so a kernel that cannot run never breaks a compiled graph.
+
 Each function is compiled whole (`fullgraph=True`): a graph break would make torch trace every layer
 separately, hit its recompile limit on the layers' differing shapes and quietly fall back to eager for
 some of them; an error on the first call is the honest outcome instead. Caches keyed on tensor identity
@@ -42,6 +47,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .layers import attention
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +63,10 @@ class _Compiled:
     tens of seconds on a GPU, with nothing else to show for it), and how long it took.
     """
 
-    def __init__(self, compiled_fn: Callable, mode: str, backend: Any, name: str):
+    def __init__(self, compiled_fn: Callable, mode: str, backend: Any, name: str,
+                 prepare: Callable[[], None] | None = None):
         self.compiled_fn, self.mode, self.backend, self.name = compiled_fn, mode, backend, name
+        self.prepare = prepare  # run eagerly before each compiling call
         self.shapes: set[tuple] = set()
         self.fn = self._call  # one bound method, so that callers may compare it
 
@@ -69,6 +77,8 @@ class _Compiled:
         log.info("%s: compiling (mode %s) for inputs of shapes %s, once per shape in this process: tens of "
                  "seconds on a GPU, minutes on a CPU", self.name, self.mode, [list(s) for s in shapes])
         start = time.perf_counter()
+        if self.prepare is not None:
+            self.prepare()
         out = self.compiled_fn(*args, **kwargs)
         self.shapes.add(shapes)
         log.info("%s: compiled in %.1f s (first call included)", self.name, time.perf_counter() - start)
@@ -98,15 +108,20 @@ def set_compile(model: nn.Module, mode: str = "default", backend: Any = "inducto
     current = _compiled.get(model)
     if current is not None and current.mode == mode and current.backend == backend:
         return
+    prepare = None
     if isinstance(model, IMTRenderer):
         target = eager_frames
+
+        def prepare():  # which Triton kernels the traced code may call, for the model's device and dtype now
+            weight = next(model.parameters())
+            attention.prepare_compiled_kernels(weight.device, weight.dtype)
     elif isinstance(model, MotionGenerator):
         target = model.velocity
     else:
         raise TypeError(f"set_compile takes an IMTRenderer or a MotionGenerator, not {type(model).__name__}")
     options = {} if mode == "default" else {"mode": mode}
     _compiled[model] = _Compiled(torch.compile(target, backend=backend, dynamic=False, fullgraph=True,
-                                               **options), mode, backend, type(model).__name__)
+                                               **options), mode, backend, type(model).__name__, prepare)
     log.info("%s will be compiled (mode %s) at its first use of each shape", type(model).__name__, mode)
 
 

@@ -252,7 +252,7 @@ def fake_kernel(monkeypatch):
         return torch.full(q.shape[:1] + q.shape[2:3], 5, dtype=torch.int64)
 
     monkeypatch.setattr(A, "ARGMAX_KERNEL_DEVICE_TYPES", ("cpu",))
-    monkeypatch.setattr(A, "_argmax_kernel_failure", None)
+    monkeypatch.setattr(A, "_kernel_failures", {})
     monkeypatch.setattr(K, "unavailable_reason", lambda device=None: None)
     monkeypatch.setattr(K, "head_mean_argmax_triton", stand_in)
     return calls

@@ -8,12 +8,15 @@ with `WindowAttention._forward_explicit` (the same map written out in torch):
   (padded to 16), with and without the shifted-window mask, strided inputs, float32/float16/bfloat16;
 - whole SwinBlocks (plain and shifted) with `window_kernel("triton")` and CPU tensors allowed: the
   kernel runs once per block and the blocks' outputs match the torch route's;
-- the dispatch (in this process): "torch" by default, never the kernel for CPU tensors, under autograd
-  or for an unknown mode.
+- the dispatch (in this process): "auto" by default (the kernel for half precision), "triton" always,
+  "torch" never; never for CPU tensors or under autograd; forced "triton" raises where the kernel cannot
+  run, "auto" falls back (also after a kernel failure).
 
 On a CUDA machine `test_cuda_kernel_matches_torch` also runs the compiled kernel at the official 256² shape.
 """
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -124,29 +127,85 @@ def test_swin_blocks_through_the_kernel(interpreted, shift):
 
 # --------------------------------------------------------------------------- the dispatch
 
-def test_dispatch_defaults_to_torch_and_keeps_cpu_and_autograd_off_the_kernel(monkeypatch):
+@pytest.fixture
+def fake_kernel(monkeypatch):
+    """CPU tensors allowed and a stand-in kernel (output all 7 before the projection) that records its calls."""
     calls = []
-    monkeypatch.setattr(A.WindowAttention, "_forward_kernel",
-                        lambda self, q, k, v, mask: calls.append(1) or torch.zeros_like(q))
+
+    def stand_in(q, k, v, heads, scale, bias, mask):
+        calls.append(q.dtype)
+        return torch.full_like(q, 7.0)
+
+    monkeypatch.setattr(A, "WINDOW_KERNEL_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(A, "_kernel_failures", {})
+    monkeypatch.setattr(K, "unavailable_reason", lambda device=None: None)
+    monkeypatch.setattr(K, "window_attention_triton", stand_in)
+    return calls
+
+
+def test_cpu_tensors_and_autograd_never_reach_the_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(K, "window_attention_triton", lambda *args: calls.append(1))
+    monkeypatch.setattr(K, "unavailable_reason", lambda device=None: None)
     block = swin_blocks()[4]
     x = torch.randn(1, 16, 32, 32)
-    assert A.window_kernel_mode() == "torch"
+    assert A.window_kernel_mode() == "auto"
     with torch.no_grad():
-        block(x)
-        with A.window_kernel("triton"):
-            block(x)  # CPU tensors: not a kernel device type
-    assert calls == []
+        for mode in A.WINDOW_KERNEL_MODES:
+            with A.window_kernel(mode):
+                block(x)  # CPU tensors: not a kernel device type
     monkeypatch.setattr(A, "WINDOW_KERNEL_DEVICE_TYPES", ("cpu",))
     with A.window_kernel("triton"):
         block(x)  # autograd on: the kernel has no backward
-        assert calls == []
-        with torch.no_grad():
-            block(x)
-    assert calls == [1]
-    assert A.window_kernel_mode() == "torch"
-    with pytest.raises(ValueError, match="window kernel mode 'auto'"):
-        with A.window_kernel("auto"):
+    assert calls == []
+    with pytest.raises(ValueError, match="window kernel mode 'fast'"):
+        with A.window_kernel("fast"):
             pass
+
+
+def test_modes_choose_the_kernel_or_the_torch_code(fake_kernel):
+    """"auto": the kernel for half precision only; "triton": always; "torch": never."""
+    block = swin_blocks()[4]
+    x = torch.randn(1, 16, 32, 32)
+    with torch.no_grad():
+        expected = block(x)  # "auto", float32: the torch code
+        with A.window_kernel("torch"):
+            assert torch.equal(block(x), expected)
+            block.to(torch.bfloat16)(x.bfloat16())
+        assert fake_kernel == []
+        block(x.bfloat16())  # "auto", half precision: the kernel
+        assert fake_kernel == [torch.bfloat16]
+        block.float()
+        with A.window_kernel("triton"):
+            assert not torch.equal(block(x), expected)
+    assert fake_kernel == [torch.bfloat16, torch.float32]
+
+
+def test_forced_kernel_raises_and_auto_falls_back(fake_kernel, monkeypatch, caplog):
+    block = swin_blocks()[0].to(torch.bfloat16)
+    x = torch.randn(1, 16, 32, 32).bfloat16()
+    with torch.no_grad():
+        with A.window_kernel("torch"):
+            expected = block(x)
+        monkeypatch.setattr(K, "unavailable_reason", lambda device=None: "no GPU backend in this test")
+        with A.window_kernel("triton"), pytest.raises(RuntimeError, match="no GPU backend in this test"):
+            block(x)
+        with caplog.at_level(logging.INFO, logger=A.__name__):
+            assert torch.equal(block(x), expected)  # "auto": the torch code, the reason logged
+        assert "no GPU backend in this test" in caplog.text and fake_kernel == []
+        monkeypatch.setattr(K, "unavailable_reason", lambda device=None: None)
+        calls = []
+
+        def broken(*args):
+            calls.append(1)
+            raise RuntimeError("cannot compile for this GPU")
+
+        monkeypatch.setattr(K, "window_attention_triton", broken)
+        with caplog.at_level(logging.WARNING, logger=A.__name__):
+            assert torch.equal(block(x), expected) and torch.equal(block(x), expected)
+        assert calls == [1] and "Triton kernel failed" in caplog.text  # not retried on every call
+        with A.window_kernel("triton"), pytest.raises(RuntimeError, match="cannot compile"):
+            block(x)
 
 
 def test_unsupported_inputs_are_named():
@@ -168,7 +227,8 @@ def test_cuda_kernel_matches_torch(dtype):
     with torch.no_grad():
         block.attn.relative_position_bias_table.normal_()
         x = torch.randn(2, 32, 256, 256, device="cuda", dtype=dtype)
-        expected = block(x)
+        with A.window_kernel("torch"):
+            expected = block(x)
         with A.window_kernel("triton"):
             got = block(x)
     torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=TOLERANCE[dtype] * 10)

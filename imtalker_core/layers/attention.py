@@ -36,13 +36,19 @@ the torch code's only at near-ties below ~1e-6 relative); the values stay `atten
 - "triton": the kernel for every CUDA tensor; raises RuntimeError where it cannot run (benchmarks);
 - "torch": always the torch chunked code (`head_mean_argmax`).
 
-CPU tensors, the plain path and code traced by `torch.compile` (which fuses the torch code itself)
-always use the torch code.
+CPU tensors and the plain path always use the torch code. Code traced by `torch.compile` calls the
+kernels as custom ops (`kernel_ops`) where `prepare_compiled_kernels` (run by `compiled.set_compile`
+before tracing) found them working for the model's device and dtype, else the torch code.
 
 The shifted-window attention has a Triton kernel too (`window_attention_triton`: the map never leaves
-registers), chosen by `window_kernel(mode)`: "torch" (default: the kernel has not been timed on a GPU
-yet) or "triton" (CUDA tensors in inference, outside `torch.compile`; raises RuntimeError where the
-kernel cannot run).
+registers), chosen by `window_kernel(mode)` with the same three modes and rules ("auto" by default:
+the kernel for half precision on CUDA in inference; autograd always takes the torch code). On an H200
+(fp16, batch 32, `benchmarks/layout_speed.py --window-kernels torch triton`) it took the renderer from
+3.35 to 2.59 ms a frame, frames 69.5 dB from the plain layout's as with the torch route (fp16 rounding).
+
+The shifted-window blocks' LayerNorms (rows of 32 and 64 channels) have one too (`layernorm_triton`: many
+rows per program, and `norm_q`/`norm_kv` from one read), chosen by `layernorm_kernel(mode)`, same modes and
+rules, eager code only (inductor fuses traced LayerNorms itself).
 """
 from __future__ import annotations
 
@@ -86,14 +92,24 @@ ARGMAX_KERNEL_MODES = ("auto", "triton", "torch")
 # Device types whose tensors may go to the Triton kernel (tests widen it to "cpu" under the interpreter).
 ARGMAX_KERNEL_DEVICE_TYPES = ("cuda",)
 _ARGMAX_KERNEL = "auto"
-# Set when the kernel failed in "auto" mode: the torch code from then on, without retrying each call.
-_argmax_kernel_failure: str | None = None
-_logged_kernel_reasons: set[str] = set()
 
-WINDOW_KERNEL_MODES = ("triton", "torch")
+WINDOW_KERNEL_MODES = ("auto", "triton", "torch")
 # Device types whose tensors may go to the window kernel (tests widen it to "cpu" under the interpreter).
 WINDOW_KERNEL_DEVICE_TYPES = ("cuda",)
-_WINDOW_KERNEL = "torch"
+_WINDOW_KERNEL = "auto"
+
+LAYERNORM_KERNEL_MODES = ("auto", "triton", "torch")
+# Device types whose tensors may go to the LayerNorm kernel (tests widen it to "cpu" under the interpreter).
+LAYERNORM_KERNEL_DEVICE_TYPES = ("cuda",)
+_LAYERNORM_KERNEL = "auto"
+
+# kernel name → why it failed in "auto" mode: the torch code from then on, without retrying each call.
+_kernel_failures: dict[str, str] = {}
+_logged_kernel_reasons: set[tuple[str, str]] = set()
+# (kernel name, device type, dtype) that `prepare_compiled_kernels` ran successfully: the only kernels
+# that code traced by torch.compile calls (as `kernel_ops` custom ops), since a failure inside a
+# compiled graph cannot fall back to the torch code.
+_COMPILED_KERNELS: set[tuple[str, str, torch.dtype]] = set()
 
 
 @contextmanager
@@ -137,9 +153,9 @@ def argmax_kernel_mode() -> str:
     return _ARGMAX_KERNEL
 
 
-def window_kernel(mode: str = "torch"):
-    """Compute the shifted-window attention with the Triton kernel ("triton") or the torch code
-    ("torch", the default) inside the block (see the module docstring). Not thread-safe."""
+def window_kernel(mode: str = "auto"):
+    """Compute the shifted-window attention with the Triton kernel, the torch code or whichever can run
+    ("triton", "torch", "auto"; see the module docstring) inside the block. Not thread-safe."""
     return _module_setting("_WINDOW_KERNEL", mode, WINDOW_KERNEL_MODES, "window kernel")
 
 
@@ -147,33 +163,147 @@ def window_kernel_mode() -> str:
     return _WINDOW_KERNEL
 
 
+def layernorm_kernel(mode: str = "auto"):
+    """Compute the shifted-window blocks' LayerNorms with the Triton kernel, the torch code or whichever can
+    run ("triton", "torch", "auto"; see the module docstring) inside the block. Not thread-safe."""
+    return _module_setting("_LAYERNORM_KERNEL", mode, LAYERNORM_KERNEL_MODES, "layernorm kernel")
+
+
+def layernorm_kernel_mode() -> str:
+    return _LAYERNORM_KERNEL
+
+
+def _kernel_wanted(mode: str, x: torch.Tensor, device_types: tuple[str, ...]) -> bool:
+    """Whether `mode` asks for a Triton kernel on this tensor: "triton" always, "auto" for fp16/bf16
+    (float32 stays on the torch code, the precision that promises the reference's frames)."""
+    return x.device.type in device_types and (mode == "triton" or (mode == "auto" and x.dtype != torch.float32))
+
+
+def _use_kernel(name: str, mode: str, x: torch.Tensor, device_types: tuple[str, ...], reason_fn) -> bool:
+    """Whether kernel `name` computes this call. `reason_fn()` says why it cannot run here, or None.
+
+    Eager: "triton" raises RuntimeError where it cannot run; "auto" logs the reason once and uses the
+    torch code, as after an earlier failure. Traced by torch.compile: only a kernel that
+    `prepare_compiled_kernels` ran for this device and dtype.
+    """
+    if not _kernel_wanted(mode, x, device_types):
+        return False
+    if torch.compiler.is_compiling():
+        return (name, x.device.type, x.dtype) in _COMPILED_KERNELS and reason_fn(traced=True) is None
+    reason = reason_fn()
+    if mode == "triton":
+        if reason is not None:
+            raise RuntimeError(f"{name} kernel 'triton': the Triton kernel cannot run here: {reason}")
+        return True
+    reason = reason or _kernel_failures.get(name)
+    if reason is not None:
+        if (name, reason) not in _logged_kernel_reasons:
+            _logged_kernel_reasons.add((name, reason))
+            log.info("%s: the torch code instead of the Triton kernel: %s", name, reason)
+        return False
+    return True
+
+
+def _call_kernel(name: str, mode: str, fn):
+    """`fn()`, the kernel's result; in "auto" mode (eager) a failure is logged, remembered (the torch code
+    from then on) and answered with None."""
+    if mode == "triton" or torch.compiler.is_compiling():
+        return fn()
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - e.g. a GPU or triton version the kernel does not compile for
+        _kernel_failures[name] = f"the kernel failed earlier ({type(err).__name__}: {err})"
+        log.warning("%s: the Triton kernel failed, using the torch code from now on", name, exc_info=True)
+        return None
+
+
 def _kernel_argmax(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor | None:
     """The Triton kernel's picks `[B, Nq]` for `head_mean_argmax`'s inputs, or None where the torch
     code must compute them (see `argmax_kernel`)."""
-    global _argmax_kernel_failure
-    if torch.compiler.is_compiling() or _ARGMAX_KERNEL == "torch" or q.device.type not in ARGMAX_KERNEL_DEVICE_TYPES:
-        return None
-    if _ARGMAX_KERNEL == "auto" and q.dtype == torch.float32:
-        return None
     from . import anchor_argmax_triton as kernel
 
-    reason = kernel.unavailable_reason(q.device) or kernel.unsupported_reason(q, k)
-    if _ARGMAX_KERNEL == "triton":
-        if reason is not None:
-            raise RuntimeError(f"argmax_kernel('triton'): the Triton kernel cannot run here: {reason}")
-        return kernel.head_mean_argmax_triton(q, k, scale)
-    reason = reason or _argmax_kernel_failure
-    if reason is not None:
-        if reason not in _logged_kernel_reasons:
-            _logged_kernel_reasons.add(reason)
-            log.info("anchor argmax: the torch code instead of the Triton kernel: %s", reason)
+    def reason(traced: bool = False) -> str | None:
+        if traced:  # availability was settled by prepare_compiled_kernels; the shapes are traceable
+            return kernel.unsupported_reason(q, k)
+        return kernel.unavailable_reason(q.device) or kernel.unsupported_reason(q, k)
+
+    if not _use_kernel("anchor argmax", _ARGMAX_KERNEL, q, ARGMAX_KERNEL_DEVICE_TYPES, reason):
         return None
-    try:
-        return kernel.head_mean_argmax_triton(q, k, scale)
-    except Exception as err:  # noqa: BLE001 - e.g. a GPU or triton version the kernel does not compile for
-        _argmax_kernel_failure = f"the kernel failed earlier ({type(err).__name__}: {err})"
-        log.warning("anchor argmax: the Triton kernel failed, using the torch code from now on", exc_info=True)
-        return None
+    if torch.compiler.is_compiling():
+        return torch.ops.imtalker.anchor_argmax(q, k, scale)
+    return _call_kernel("anchor argmax", _ARGMAX_KERNEL, lambda: kernel.head_mean_argmax_triton(q, k, scale))
+
+
+def prepare_compiled_kernels(device: torch.device, dtype: torch.dtype) -> None:
+    """Before torch.compile traces a model on `device` in `dtype`: run each Triton kernel that the current
+    modes (`argmax_kernel`, `window_kernel`) would use there once, eagerly, on small inputs (which also
+    builds it), against the torch code; traced code then calls the kernels that worked (as `kernel_ops`
+    custom ops). A kernel that fails is left out (logged) in "auto" mode and raises RuntimeError in "triton".
+    `compiled.set_compile` calls this before a renderer's first compiled call.
+    """
+    from . import kernel_ops  # noqa: F401 - registers torch.ops.imtalker.*
+
+    probe = torch.empty(0, device=device, dtype=dtype)
+    checks = (("anchor argmax", _ARGMAX_KERNEL, ARGMAX_KERNEL_DEVICE_TYPES, _check_argmax_op),
+              ("window attention", _WINDOW_KERNEL, WINDOW_KERNEL_DEVICE_TYPES, _check_window_op))
+    for name, mode, device_types, check in checks:
+        key = (name, device.type, dtype)
+        _COMPILED_KERNELS.discard(key)
+        if not _kernel_wanted(mode, probe, device_types):
+            continue
+        try:
+            check(device, dtype)
+        except Exception as err:  # noqa: BLE001 - reported; "triton" mode raises, "auto" keeps the torch code
+            if mode == "triton":
+                raise RuntimeError(f"{name} kernel 'triton': the Triton kernel cannot run in compiled code "
+                                   f"({type(err).__name__}: {err})") from err
+            log.warning("%s: compiled code keeps the torch code; the Triton kernel failed its check: %s: %s",
+                        name, type(err).__name__, err)
+            continue
+        _COMPILED_KERNELS.add(key)
+
+
+def _check_argmax_op(device: torch.device, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 32, 16, generator=g).to(device, dtype)
+    k = torch.randn(1, 2, 80, 16, generator=g).to(device, dtype)
+    picks = torch.ops.imtalker.anchor_argmax(q, k, 0.25)
+    expected, _ = head_mean_argmax(q, k, 0.25)
+    if (picks != expected).float().mean().item() > 0.05:  # near-ties aside, the same picks
+        raise RuntimeError("its picks disagree with the torch code's")
+
+
+def _check_window_op(device: torch.device, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    attn = WindowAttention(32, 4, 4).eval().to(device, dtype)
+    with torch.no_grad():
+        attn.relative_position_bias_table.copy_(torch.randn(attn.relative_position_bias_table.shape, generator=g))
+        q, k, v = (torch.randn(8, 16, 32, generator=g).to(device, dtype) for _ in range(3))
+        mask = shifted_window_mask(8, 4, 2).to(device)
+        out = attn.proj(torch.ops.imtalker.window_attention(attn.q(q), attn.k(k), attn.v(v), attn.num_heads,
+                                                            attn.scale, attn.attention_bias(None, torch.float32)[0],
+                                                            mask))
+        expected = attn._forward_explicit(q, k, v, mask)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    if not torch.allclose(out.float(), expected.float(), atol=tolerance, rtol=tolerance):
+        raise RuntimeError(f"its output differs from the torch code's by {(out - expected).abs().max().item():.3g}")
+
+
+def _layer_norms(seq: torch.Tensor, *norms: nn.LayerNorm) -> tuple[torch.Tensor, ...]:
+    """`norm(seq)` for each of one or two LayerNorms: in eager inference, where `layernorm_kernel` allows,
+    the Triton kernel (one read of `seq` for both); else torch's. Traced code keeps torch's (inductor
+    fuses it with its neighbours)."""
+    if _FAST_PATHS and not torch.is_grad_enabled():
+        from . import layernorm_triton as kernel
+
+        def reason(traced: bool = False) -> str | None:
+            return kernel.unavailable_reason(seq.device) or kernel.unsupported_reason(seq, *norms)
+
+        if _use_kernel("layer norm", _LAYERNORM_KERNEL, seq, LAYERNORM_KERNEL_DEVICE_TYPES, reason):
+            out = _call_kernel("layer norm", _LAYERNORM_KERNEL, lambda: kernel.layer_norm_triton(seq, *norms))
+            if out is not None:
+                return out if len(norms) == 2 else (out,)
+    return tuple(norm(seq) for norm in norms)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -415,7 +545,7 @@ class TransformerBlock(nn.Module):
         k = self.norm_kv(seq + self.k_pos_embedding)
         v = self.norm_kv(seq)
         seq = seq + self.attn(q, k, v)
-        seq = seq + self.mlp(self.norm_ffn(seq))
+        seq = seq + self.mlp(_layer_norms(seq, self.norm_ffn)[0])
         return seq.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -511,9 +641,10 @@ class WindowAttention(ParameterCaches):
         # SDPA with an additive bias pays on the CPU only: on an H200 it made the whole renderer ~13 %
         # slower than the explicit product (fp16, batch 32: 229 vs 287 frames/s with the rest fast).
         if _FAST_PATHS:
-            if (_WINDOW_KERNEL == "triton" and q.device.type in WINDOW_KERNEL_DEVICE_TYPES
-                    and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
-                return self._forward_kernel(q, k, v, mask)
+            if not torch.is_grad_enabled():
+                out = self._forward_kernel(q, k, v, mask)
+                if out is not None:
+                    return out
             if q.device.type == "cpu":
                 # Half precision keeps SDPA, which accumulates its softmax in float32; autograd (training) too.
                 if q.dtype == torch.float32 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -523,11 +654,27 @@ class WindowAttention(ParameterCaches):
         return self._forward_explicit(q, k, v, mask)
 
     def _forward_kernel(self, q, k, v, mask):
-        """The projections in torch, the attention in one Triton kernel (`window_attention_triton`)."""
+        """The projections in torch, the attention in one Triton kernel (`window_attention_triton`), or
+        None where the torch code must run (see `window_kernel`)."""
         from . import window_attention_triton as kernel
 
+        heads = self.num_heads
+
+        def reason(traced: bool = False) -> str | None:
+            if traced:  # availability was settled by prepare_compiled_kernels; the shapes are traceable
+                return kernel.unsupported_reason(q, k, v, heads, mask)
+            return kernel.unavailable_reason(q.device) or kernel.unsupported_reason(q, k, v, heads, mask)
+
+        if not _use_kernel("window attention", _WINDOW_KERNEL, q, WINDOW_KERNEL_DEVICE_TYPES, reason):
+            return None
         bias = self.attention_bias(None, torch.float32)[0]  # [heads, n, n], cached
-        out = kernel.window_attention_triton(self.q(q), self.k(k), self.v(v), self.num_heads, self.scale, bias, mask)
+        if torch.compiler.is_compiling():
+            out = torch.ops.imtalker.window_attention(self.q(q), self.k(k), self.v(v), heads, self.scale, bias, mask)
+        else:
+            out = _call_kernel("window attention", _WINDOW_KERNEL, lambda: kernel.window_attention_triton(
+                self.q(q), self.k(k), self.v(v), heads, self.scale, bias, mask))
+            if out is None:
+                return None
         return self.proj(out)
 
     def _forward_chunked(self, q, k, v, mask, chunk_bytes: int | None = None):
@@ -630,8 +777,7 @@ class SwinBlock(nn.Module):
         seq = x.flatten(2).transpose(1, 2)
         # parity: the reference normalises keys and values with the same LayerNorm and queries
         # with another, even though all three are the same tokens here.
-        q = self.norm_q(seq).view(b, h, w, c)
-        kv = self.norm_kv(seq).view(b, h, w, c)
+        q, kv = (t.view(b, h, w, c) for t in _layer_norms(seq, self.norm_q, self.norm_kv))
         if self.shift:
             q = torch.roll(q, (-self.shift, -self.shift), dims=(1, 2))
             kv = torch.roll(kv, (-self.shift, -self.shift), dims=(1, 2))
@@ -641,5 +787,5 @@ class SwinBlock(nn.Module):
         if self.shift:
             out = torch.roll(out, (self.shift, self.shift), dims=(1, 2))
         seq = seq + out.reshape(b, h * w, c)
-        seq = seq + self.mlp(self.norm_ffn(seq))
+        seq = seq + self.mlp(_layer_norms(seq, self.norm_ffn)[0])
         return seq.transpose(1, 2).reshape(b, c, h, w)
