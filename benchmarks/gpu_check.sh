@@ -47,7 +47,7 @@ tests_copy="$(mktemp -d)"
 cp -r imtalker_core tests "$tests_copy"/
 step cuda_tests 150 env -C "$tests_copy" "$py" -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
     tests/test_anchor_argmax_triton.py tests/test_window_attention_triton.py tests/test_speed_paths.py \
-    tests/test_render_output.py tests/test_compiled.py tests/test_compiled_kernels.py
+    tests/test_render_output.py tests/test_compiled.py tests/test_compiled_kernels.py tests/test_layernorm_triton.py
 # The anchor argmax kernel's launch options (tensor-core products, tiles, warps) against the torch code.
 step anchor_kernel 90 "$py" benchmarks/anchor_kernel_speed.py --batch-sizes 32 --dtypes fp16 bf16 --block-m 64 128 \
     --block-n 64 128 --warps 4 8

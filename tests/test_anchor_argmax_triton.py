@@ -50,7 +50,7 @@ CASES = {
 # The launch options on some cases: other key blocks and warps, and half inputs on CUDA cores instead of
 # the (exact) tensor-core products.
 OPTION_CASES = {
-    "fp16-cuda-cores-32-keys": ("fp16-per-frame-keys", dict(tensor_cores=False, block_n=32, num_warps=2)),
+    "fp16-ieee-products-32-keys": ("fp16-per-frame-keys", dict(tensor_cores=False, block_n=32, num_warps=2)),
     "bf16-128-keys": ("bf16-width-8-odd-scale", dict(block_n=128, num_warps=8)),
     "fp32-16-keys": ("fp32-shared-keys-ragged", dict(block_n=16, tensor_cores=False)),
 }

@@ -46,6 +46,11 @@ else:
 # Conservative tiles: 64 × 64 float32 logits per program (a few dozen registers per thread at 4 warps).
 BLOCK_N = 64
 BLOCK_M_CHOICES = (64, 32, 16)
+# With the products on tensor cores, 128 queries per program over 8 warps where the GPU stays full: on an
+# H200 (fp16, 32 frames at the official shape, benchmarks/anchor_kernel_speed.py) 0.148 ms a frame against
+# 0.180 at 64 queries / 4 warps, 0.78 with CUDA-core products and 0.93 for the torch code.
+TENSOR_CORE_BLOCK_M_CHOICES = (128, 64, 32, 16)
+TENSOR_CORE_WIDE_WARPS = 8
 # Head widths above this fall back to the torch code (the query tile would crowd the registers;
 # the official anchor level has 16).
 MAX_HEAD_DIM = 64
@@ -217,20 +222,20 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None
 
 
-def _block_m(device: torch.device, frames: int, queries: int) -> int:
-    """Queries per program: 64, or fewer when that would leave the GPU's multiprocessors idle
-    (one frame at 64² is 64 programs of 64 queries; an H100 has 132 multiprocessors)."""
+def _block_m(device: torch.device, frames: int, queries: int, choices: tuple[int, ...] = BLOCK_M_CHOICES) -> int:
+    """Queries per program: the first of `choices` (largest first) that gives every multiprocessor two
+    programs (one frame at 64² is 64 programs of 64 queries; an H100 has 132 multiprocessors)."""
     if device.type != "cuda":
-        return BLOCK_M_CHOICES[0]
+        return choices[0]
     processors = torch.cuda.get_device_properties(device).multi_processor_count
-    for block in BLOCK_M_CHOICES:
+    for block in choices:
         if frames * triton.cdiv(queries, block) >= 2 * processors:
             return block
-    return BLOCK_M_CHOICES[-1]
+    return choices[-1]
 
 
 def head_mean_argmax_triton(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int | None = None,
-                            block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+                            block_n: int = BLOCK_N, num_warps: int | None = None,
                             tensor_cores: bool | None = None) -> torch.Tensor:
     """For every query, the key with the largest head-averaged softmax weight (see the module docstring).
 
@@ -238,7 +243,7 @@ def head_mean_argmax_triton(q: torch.Tensor, k: torch.Tensor, scale: float, bloc
     place, never copied); float32, float16 or bfloat16, any strides, on one device; `scale` a
     positive float (`d ** -0.5`). `block_m` overrides the queries per program (default: 64, or 32 or
     16 where too few programs would fill the GPU), `block_n` the keys per step (both powers of two from
-    16 to 256) and `num_warps` the warps per program (tests and
+    16 to 256) and `num_warps` the warps per program (default: 8 for 128 queries on tensor cores, else 4; tests and
     benchmarks). `tensor_cores` (None: when q and k are both fp16 or both bf16) computes the products on
     TF32 tensor cores, exact for half-precision values; False forces IEEE float32 products (CUDA cores)
     as for float32 inputs, for which True is refused (TF32 would round them). Returns the argmax
@@ -264,7 +269,10 @@ def head_mean_argmax_triton(q: torch.Tensor, k: torch.Tensor, scale: float, bloc
     b, h, nq, d = q.shape
     nk = k.shape[2]
     block_d = max(16, triton.next_power_of_2(d))
-    block_m = block_m or _block_m(q.device, b, nq)
+    if block_m is None:
+        block_m = _block_m(q.device, b, nq, TENSOR_CORE_BLOCK_M_CHOICES if tensor_cores else BLOCK_M_CHOICES)
+    if num_warps is None:
+        num_warps = TENSOR_CORE_WIDE_WARPS if tensor_cores and block_m >= 128 else NUM_WARPS
     # A power-of-two scale commutes exactly with every rounding of the product (as in head_mean_argmax).
     post_scale = not _is_power_of_two(scale)
     k_stride_b = k.stride(0) if k.shape[0] == b and b > 1 else 0  # batch 1: every frame reads the same keys
