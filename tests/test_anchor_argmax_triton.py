@@ -30,7 +30,7 @@ import torch
 
 from imtalker_core.layers import anchor_argmax_triton as K
 from imtalker_core.layers import attention as A
-from tests.helpers.triton_interpreter import count_calls, interpreted_results
+from tests.helpers.triton_interpreter import count_calls, interpreter_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 # Relative head-mean weight (float64) by which a pick may fall short of the best: float32 rounding of
@@ -147,10 +147,7 @@ def _interpreter_worker(out_path: str) -> None:
     torch.save(results, out_path)
 
 
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory):
-    """The interpreter subprocess's results (see `_interpreter_worker`)."""
-    return interpreted_results("tests.test_anchor_argmax_triton", tmp_path_factory.mktemp("triton"))
+interpreted = interpreter_fixture("tests.test_anchor_argmax_triton")
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[-1] in ("random", "ragged", "strided")])

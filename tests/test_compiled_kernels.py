@@ -15,7 +15,7 @@ import torch
 from imtalker_core import compiled, render_frames
 from imtalker_core.layers import attention as A
 from tests.helpers.tiny_render import tiny_render_case
-from tests.helpers.triton_interpreter import count_calls, interpreted_results
+from tests.helpers.triton_interpreter import count_calls, interpreter_fixture
 
 FRAMES = 4
 
@@ -53,9 +53,7 @@ def _interpreter_worker(out_path: str) -> None:
     torch.save(results, out_path)
 
 
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory):
-    return interpreted_results("tests.test_compiled_kernels", tmp_path_factory.mktemp("triton"))
+interpreted = interpreter_fixture("tests.test_compiled_kernels")
 
 
 def test_compiled_frames_step_calls_the_prepared_kernels(interpreted):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from imtalker_core.layers import attention as A
 from imtalker_core.layers import layernorm_triton as K
-from tests.helpers.triton_interpreter import count_calls, interpreted_results
+from tests.helpers.triton_interpreter import count_calls, interpreter_fixture, record_counted
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # name → (leading shape, channels, dtype, two outputs, strided)
@@ -63,16 +63,12 @@ def _interpreter_worker(out_path: str) -> None:
     A.LAYERNORM_KERNEL_DEVICE_TYPES = ("cpu",)
     x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(5))
     for shift, block in swin_blocks().items():
-        before = len(calls)
         with torch.no_grad(), A.layernorm_kernel("triton"), A.window_kernel("torch"):
-            results[f"block/{shift}"] = block(x)
-        results[f"block/{shift}/calls"] = torch.tensor(len(calls) - before)
+            record_counted(results, f"block/{shift}", calls, block, x)
     torch.save(results, out_path)
 
 
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory):
-    return interpreted_results("tests.test_layernorm_triton", tmp_path_factory.mktemp("triton"))
+interpreted = interpreter_fixture("tests.test_layernorm_triton")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -143,5 +139,5 @@ def test_cuda_kernel_matches_torch(dtype):
             norm.weight.normal_()
             norm.bias.normal_()
         got = K.layer_norm_triton(seq, *norms)
-    for out, norm in zip(got, norms):
+    for out, norm in zip(got, norms, strict=True):
         torch.testing.assert_close(out, norm(seq), rtol=0, atol=TOLERANCE[dtype] * 10)

@@ -23,7 +23,7 @@ import torch
 
 from imtalker_core.layers import attention as A
 from imtalker_core.layers import window_attention_triton as K
-from tests.helpers.triton_interpreter import count_calls, interpreted_results
+from tests.helpers.triton_interpreter import count_calls, interpreter_fixture, record_counted
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 # name → (windows per image, images, tokens per window, heads, head width, masked, dtype, strided)
@@ -89,17 +89,12 @@ def _interpreter_worker(out_path: str) -> None:
     A.WINDOW_KERNEL_DEVICE_TYPES = ("cpu",)
     x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(5))
     for shift, block in swin_blocks().items():
-        before = len(calls)
         with torch.no_grad(), A.window_kernel("triton"):
-            results[f"block/{shift}"] = block(x)
-        results[f"block/{shift}/calls"] = torch.tensor(len(calls) - before)
+            record_counted(results, f"block/{shift}", calls, block, x)
     torch.save(results, out_path)
 
 
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory):
-    """The interpreter subprocess's results (see `_interpreter_worker`)."""
-    return interpreted_results("tests.test_window_attention_triton", tmp_path_factory.mktemp("triton"))
+interpreted = interpreter_fixture("tests.test_window_attention_triton")
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -49,3 +49,21 @@ def count_calls(module, name: str) -> list[int]:
 
     setattr(module, name, counted)
     return calls
+
+
+def record_counted(results: dict[str, torch.Tensor], key: str, calls: list[int], fn, *args) -> None:
+    """`results[key] = fn(*args)` and `results[key + "/calls"]`: how many calls it added to `calls` (a
+    `count_calls` list)."""
+    before = len(calls)
+    results[key] = fn(*args)
+    results[f"{key}/calls"] = torch.tensor(len(calls) - before)
+
+
+def interpreter_fixture(module: str):
+    """A module-scoped fixture `interpreted` giving `interpreted_results(module, ...)`, for the test module
+    `module` to bind: `interpreted = interpreter_fixture("tests.test_x")`."""
+    @pytest.fixture(scope="module")
+    def interpreted(tmp_path_factory):
+        return interpreted_results(module, tmp_path_factory.mktemp("triton"))
+
+    return interpreted
