@@ -9,6 +9,8 @@ AOTAutograd with fake tensors (so the ops' fake implementations are exercised) w
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -78,6 +80,32 @@ def test_the_kernels_follow_the_torch_code(interpreted):
     assert int(interpreted["prepared after torch"]) == 0  # "torch" modes: nothing prepared
     for key in ("eager kernels", "compiled kernels", "compiled torch"):
         torch.testing.assert_close(interpreted[key].float(), expected, rtol=0, atol=3e-2)
+
+
+def test_prepare_leaves_out_what_fails_its_check(monkeypatch, caplog):
+    """"auto": a kernel whose check fails stays out of compiled code (logged), the others go in; "triton":
+    the failure raises; float32 in "auto" checks nothing."""
+    checked = []
+
+    def broken(device, dtype):
+        checked.append("argmax")
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(A, "ARGMAX_KERNEL_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(A, "WINDOW_KERNEL_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(A, "_COMPILED_KERNELS", set())
+    monkeypatch.setattr(A, "_check_argmax_op", broken)
+    monkeypatch.setattr(A, "_check_window_op", lambda device, dtype: checked.append("window"))
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger=A.__name__):
+        A.prepare_compiled_kernels(cpu, torch.bfloat16)
+    assert A._COMPILED_KERNELS == {("window attention", "cpu", torch.bfloat16)}
+    assert checked == ["argmax", "window"] and "no kernel for this GPU" in caplog.text
+    with A.argmax_kernel("triton"), pytest.raises(RuntimeError, match="cannot run in compiled code"):
+        A.prepare_compiled_kernels(cpu, torch.bfloat16)
+    checked.clear()
+    A.prepare_compiled_kernels(cpu, torch.float32)
+    assert checked == [] and ("window attention", "cpu", torch.float32) not in A._COMPILED_KERNELS
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
