@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _timing import sync  # noqa: E402
 from imtalker_core import compiled, pipeline  # noqa: E402
 from imtalker_core.compiled import COMPILE_MODES  # noqa: E402
 from imtalker_core.precision import fp32_matmul  # noqa: E402
@@ -122,11 +123,6 @@ def module_flops(modules: dict[str, torch.nn.Module], step) -> dict[str, int]:
             modules[name](*args, **kwargs)
         flops[name] = counter.get_total_flops()
     return flops
-
-
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> int:

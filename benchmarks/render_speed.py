@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import imtalker_core as imt  # noqa: E402
+from _timing import sync  # noqa: E402
 from tests.helpers.standin import standin_renderer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -37,24 +38,19 @@ def main() -> int:
         image = torch.rand(1, 3, 512, 512)
         t0 = time.perf_counter()
         identity = imt.encode_identity(model, image)
-        sync(args.device)
+        sync(torch.device(args.device))
         encode_s = time.perf_counter() - t0
         motion = torch.randn(args.frames, 32)
         for bs in args.batch_sizes:
             imt.render_frames(model, identity, motion[:bs], batch_size=bs)  # warm-up
-            sync(args.device)
+            sync(torch.device(args.device))
             t0 = time.perf_counter()
             imt.render_frames(model, identity, motion, batch_size=bs)
-            sync(args.device)
+            sync(torch.device(args.device))
             per_frame = (time.perf_counter() - t0) / args.frames
             print(f"{name}: identity {encode_s:.2f} s; batch {bs}: {per_frame:.3f} s/frame "  # noqa: T201
                   f"({1 / per_frame:.2f} frames/s)", flush=True)
     return 0
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
