@@ -3,6 +3,7 @@ and timed once per forward, and the hooks leave the frames unchanged."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _profile_module():
+    # As when the script runs: its folder on the path, for the benchmarks' shared `_timing` module.
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("profile_renderer", ROOT / "benchmarks" / "profile_renderer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
