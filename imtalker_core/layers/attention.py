@@ -180,18 +180,20 @@ def _kernel_wanted(mode: str, x: torch.Tensor, device_types: tuple[str, ...]) ->
     return x.device.type in device_types and (mode == "triton" or (mode == "auto" and x.dtype != torch.float32))
 
 
-def _use_kernel(name: str, mode: str, x: torch.Tensor, device_types: tuple[str, ...], reason_fn) -> bool:
-    """Whether kernel `name` computes this call. `reason_fn()` says why it cannot run here, or None.
+def _use_kernel(name: str, mode: str, x: torch.Tensor, device_types: tuple[str, ...], kernel, *inputs) -> bool:
+    """Whether kernel `name` computes this call: `kernel` is its module (`unavailable_reason(device)`,
+    `unsupported_reason(*inputs)`), `x` the tensor whose device and dtype decide.
 
     Eager: "triton" raises RuntimeError where it cannot run; "auto" logs the reason once and uses the
     torch code, as after an earlier failure. Traced by torch.compile: only a kernel that
-    `prepare_compiled_kernels` ran for this device and dtype.
+    `prepare_compiled_kernels` ran for this device and dtype (which settled its availability), for
+    inputs it takes.
     """
     if not _kernel_wanted(mode, x, device_types):
         return False
     if torch.compiler.is_compiling():
-        return (name, x.device.type, x.dtype) in _COMPILED_KERNELS and reason_fn(traced=True) is None
-    reason = reason_fn()
+        return (name, x.device.type, x.dtype) in _COMPILED_KERNELS and kernel.unsupported_reason(*inputs) is None
+    reason = kernel.unavailable_reason(x.device) or kernel.unsupported_reason(*inputs)
     if mode == "triton":
         if reason is not None:
             raise RuntimeError(f"{name} kernel 'triton': the Triton kernel cannot run here: {reason}")
@@ -223,16 +225,10 @@ def _kernel_argmax(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tens
     code must compute them (see `argmax_kernel`)."""
     from . import anchor_argmax_triton as kernel
 
-    def reason(traced: bool = False) -> str | None:
-        if traced:  # availability was settled by prepare_compiled_kernels; the shapes are traceable
-            return kernel.unsupported_reason(q, k)
-        return kernel.unavailable_reason(q.device) or kernel.unsupported_reason(q, k)
-
-    if not _use_kernel("anchor argmax", _ARGMAX_KERNEL, q, ARGMAX_KERNEL_DEVICE_TYPES, reason):
+    if not _use_kernel("anchor argmax", _ARGMAX_KERNEL, q, ARGMAX_KERNEL_DEVICE_TYPES, kernel, q, k):
         return None
-    if torch.compiler.is_compiling():
-        return torch.ops.imtalker.anchor_argmax(q, k, scale)
-    return _call_kernel("anchor argmax", _ARGMAX_KERNEL, lambda: kernel.head_mean_argmax_triton(q, k, scale))
+    launch = torch.ops.imtalker.anchor_argmax if torch.compiler.is_compiling() else kernel.head_mean_argmax_triton
+    return _call_kernel("anchor argmax", _ARGMAX_KERNEL, lambda: launch(q, k, scale))
 
 
 def prepare_compiled_kernels(device: torch.device, dtype: torch.dtype) -> None:
@@ -297,10 +293,7 @@ def _layer_norms(seq: torch.Tensor, *norms: nn.LayerNorm) -> tuple[torch.Tensor,
     if _FAST_PATHS and not torch.is_grad_enabled():
         from . import layernorm_triton as kernel
 
-        def reason(traced: bool = False) -> str | None:
-            return kernel.unavailable_reason(seq.device) or kernel.unsupported_reason(seq, *norms)
-
-        if _use_kernel("layer norm", _LAYERNORM_KERNEL, seq, LAYERNORM_KERNEL_DEVICE_TYPES, reason):
+        if _use_kernel("layer norm", _LAYERNORM_KERNEL, seq, LAYERNORM_KERNEL_DEVICE_TYPES, kernel, seq, *norms):
             out = _call_kernel("layer norm", _LAYERNORM_KERNEL, lambda: kernel.layer_norm_triton(seq, *norms))
             if out is not None:
                 return out if len(norms) == 2 else (out,)
@@ -660,23 +653,15 @@ class WindowAttention(ParameterCaches):
         from . import window_attention_triton as kernel
 
         heads = self.num_heads
-
-        def reason(traced: bool = False) -> str | None:
-            if traced:  # availability was settled by prepare_compiled_kernels; the shapes are traceable
-                return kernel.unsupported_reason(q, k, v, heads, mask)
-            return kernel.unavailable_reason(q.device) or kernel.unsupported_reason(q, k, v, heads, mask)
-
-        if not _use_kernel("window attention", _WINDOW_KERNEL, q, WINDOW_KERNEL_DEVICE_TYPES, reason):
+        if not _use_kernel("window attention", _WINDOW_KERNEL, q, WINDOW_KERNEL_DEVICE_TYPES, kernel,
+                           q, k, v, heads, mask):
             return None
         bias = self.attention_bias(None, torch.float32)[0]  # [heads, n, n], cached
-        if torch.compiler.is_compiling():
-            out = torch.ops.imtalker.window_attention(self.q(q), self.k(k), self.v(v), heads, self.scale, bias, mask)
-        else:
-            out = _call_kernel("window attention", _WINDOW_KERNEL, lambda: kernel.window_attention_triton(
-                self.q(q), self.k(k), self.v(v), heads, self.scale, bias, mask))
-            if out is None:
-                return None
-        return self.proj(out)
+        compiling = torch.compiler.is_compiling()
+        launch = torch.ops.imtalker.window_attention if compiling else kernel.window_attention_triton
+        out = _call_kernel("window attention", _WINDOW_KERNEL,
+                           lambda: launch(self.q(q), self.k(k), self.v(v), heads, self.scale, bias, mask))
+        return None if out is None else self.proj(out)
 
     def _forward_chunked(self, q, k, v, mask, chunk_bytes: int | None = None):
         """The explicit product over groups of whole images, so that one group's map `[windows, heads, n, n]`

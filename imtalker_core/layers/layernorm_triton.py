@@ -88,10 +88,7 @@ def layer_norm_triton(x: torch.Tensor, norm: torch.nn.LayerNorm, norm2: torch.nn
     if reason is not None:
         raise RuntimeError(f"the Triton LayerNorm cannot run: {reason}")
     channels = x.shape[-1]
-    try:
-        rows = x.view(-1, channels)
-    except RuntimeError:  # leading dims that cannot be flattened without a copy
-        rows = x.reshape(-1, channels)
+    rows = x.reshape(-1, channels)  # a view where the leading dims allow one
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape, device=x.device, dtype=x.dtype)
