@@ -92,15 +92,16 @@ def main() -> int:
             name = layout if kernel_set == "none" else f"{layout}+{kernel_set}"
             models[name], kernels[name] = copied, KERNEL_SETS[kernel_set]
 
-    def render(name, *inputs):
+    def run(name, fn, *inputs):  # fn(model, *inputs) under the variant's kernel modes
         window, layernorm = kernels[name]
         with attention.window_kernel(window), attention.layernorm_kernel(layernorm):
-            return render_batch(models[name], *inputs)
+            return fn(models[name], *inputs)
+
+    def render(name, *inputs):
+        return run(name, render_batch, *inputs)
 
     def synthesize(name, aligned):
-        window, layernorm = kernels[name]
-        with attention.window_kernel(window), attention.layernorm_kernel(layernorm):
-            return models[name].frame_decoder(aligned)
+        return run(name, lambda model, x: model.frame_decoder(x), aligned)
     for batch in args.batch_sizes:
         latents = torch.randn(batch, model.cfg.latent_dim, generator=torch.Generator().manual_seed(batch))
         aligned = []
