@@ -11,11 +11,11 @@
 # Steps, run in this order (their names are the log and JSON names): the CUDA-only tests (the Triton kernels
 # against the torch code, the kernels inside compiled code, the look-ahead copy); the anchor argmax kernel's
 # launch options; where a frame's time goes, eager and compiled (profile*, and compiled with the torch window
-# attention); the renderer per precision and batch size; the 10 s clip eager; the streaming latency and cold
-# start; the synthesis layouts on CUDA (channels-last, BatchNorm fold, up-sampling phases) with each set of
-# the synthesis network's Triton kernels; the motion encoder's layouts and the decoder's two modulated-conv
-# forms; the Triton window-attention kernel forced; the torch argmax; parity; torch.compile
-# "reduce-overhead" alone; the clip eager and compiled. Each step has its own time limit so that one hang
+# attention or with the decoder's blurs as convs); the renderer per precision and batch size; the 10 s clip
+# eager; the streaming latency and cold start; the synthesis layouts on CUDA (channels-last, BatchNorm fold,
+# up-sampling phases) with each set of the synthesis network's Triton kernels; the motion encoder's layouts and
+# the decoder's two modulated-conv forms; the Triton window-attention kernel forced; the torch argmax; parity;
+# torch.compile "reduce-overhead" alone; the clip eager and compiled. Each step has its own time limit so that one hang
 # costs only itself; the default steps take about 7.5 minutes on an H200.
 # benchmarks/results/ holds the results of earlier runs, one folder per run.
 set -uo pipefail
@@ -24,7 +24,7 @@ mkdir -p "$out"
 py="${PYTHON:-python3}"
 all_steps=(cuda_tests anchor_kernel speed_kernel speed_clip stream layout motion speed_torch_argmax parity parity_torch_argmax
            speed_compiled speed_compiled_large clip_compiled profile profile_compiled reference stream_compiled
-           speed_window_kernel profile_compiled_torch_window)
+           speed_window_kernel profile_compiled_torch_window profile_compiled_conv_blur)
 # The goals' checks: correctness, the eager table, batch 1 / 32 / 64 compiled and the 10 s clip (~7.5 minutes on
 # an H200, 2026-11-27; the profiles and A/B steps are for finding the next lever).
 default_steps=(cuda_tests anchor_kernel speed_kernel speed_compiled speed_compiled_large clip_compiled)
@@ -61,6 +61,9 @@ step profile_compiled 150 "$py" benchmarks/profile_renderer.py --device cuda --d
 # The compiled frames step with the torch window attention instead of the kernel (profile_compiled: the kernel).
 step profile_compiled_torch_window 150 "$py" benchmarks/profile_renderer.py --device cuda --dtype fp16 \
     --batch-size 32 --batches 4 --compile default --window-kernel torch --json "$out/profile_compiled_torch_window.json"
+# The compiled frames step with the motion decoder's blurs as depthwise convs (profile_compiled: shifted sums).
+step profile_compiled_conv_blur 150 "$py" benchmarks/profile_renderer.py --device cuda --dtype fp16 \
+    --batch-size 32 --batches 4 --compile default --compiled-blur conv --json "$out/profile_compiled_conv_blur.json"
 step speed_kernel 120 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 fp32 tf32 --batch-sizes 1 8 32 64 \
     --frames 128 --repeats 2 --paths fast --sections anchor renderer parity --json "$out/speed_kernel.json"
 step speed_clip 60 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 16 32 --frames 64 \

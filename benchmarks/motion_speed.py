@@ -2,7 +2,7 @@
 of the modulated convolution.
 
     python benchmarks/motion_speed.py [--batch-sizes 1 2 8] [--repeats 5] [--threads 2]
-                                      [--device cpu] [--dtype fp32] [--parts encoder decoder]
+                                      [--device cpu] [--dtype fp32] [--parts encoder decoder decoder_compiled]
 
 Builds the full-size renderer on deterministic stand-in weights (tests/helpers/standin.py; speed does
 not depend on the values), then
@@ -16,7 +16,11 @@ not depend on the values), then
 - grouped: the reference's arithmetic, one modulated and demodulated weight per sample and one
   grouped convolution (groups = B); the plain paths (`attention.fast_paths(False)`);
 - batched: the style on the activations, one convolution with the shared weight, the demodulation
-  on its output; the fast paths (default).
+  on its output; the fast paths (default);
+
+- decoder_compiled: the same decoder under `torch.compile` (inductor, mode "default"; the first call of
+  each variant and batch size compiles) with its four blurs as depthwise convolutions (conv) or as sums
+  of shifted copies (shifts, `stylegan.BLUR_BY_SHIFTS_WHEN_COMPILING`, the default).
 
 The variants take turns within every repeat; the tables give the median and fastest ms per frame after
 one warm-up call each, and the largest difference of the outputs relative to the largest value.
@@ -34,12 +38,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from _timing import timed  # noqa: E402
+from imtalker_core.layers import stylegan  # noqa: E402
 from imtalker_core.layers.attention import fast_paths  # noqa: E402
 from tests.helpers.standin import standin_renderer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMS = {"grouped": False, "batched": True}  # form → fast paths on
 LAYOUTS = {"nchw": False, "channels_last": True}  # MotionEncoder.channels_last
+BLURS = {"conv": False, "shifts": True}  # stylegan.BLUR_BY_SHIFTS_WHEN_COMPILING
+PARTS = {"encoder": LAYOUTS, "decoder": FORMS, "decoder_compiled": BLURS}
 
 
 def compare(variants: dict, run, batch: int, repeats: int, device: torch.device) -> str:
@@ -63,7 +70,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads on a CPU")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    ap.add_argument("--parts", nargs="+", default=["encoder", "decoder"], choices=["encoder", "decoder"])
+    ap.add_argument("--parts", nargs="+", default=["encoder", "decoder"], choices=list(PARTS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -88,8 +95,20 @@ def main() -> int:
                 return model.decode_motion(latents)
         return run
 
+    compiled_decode = torch.compile(model.decode_motion)
+
+    def decode_compiled(latents):
+        def run(shifts: bool):
+            # dynamo guards on the switch: each setting keeps its own compiled graph
+            stylegan.BLUR_BY_SHIFTS_WHEN_COMPILING = shifts
+            try:
+                return compiled_decode(latents)
+            finally:
+                stylegan.BLUR_BY_SHIFTS_WHEN_COMPILING = True
+        return run
+
     for part in args.parts:
-        variants = LAYOUTS if part == "encoder" else FORMS
+        variants = PARTS[part]
         a, b = variants
         print(f"\n{part}\n\n| batch | {a} ms/frame (median, min) | {b} ms/frame (median, min) "  # noqa: T201
               "| speed-up (min) | max rel. difference |\n| --- | --- | --- | --- | --- |")
@@ -99,7 +118,8 @@ def main() -> int:
                 run = encode(torch.rand(batch, 3, model.cfg.image_size, model.cfg.image_size, generator=g)
                              .to(device, dtype))
             else:
-                run = decode(torch.randn(batch, model.cfg.latent_dim, generator=g).to(device, dtype))
+                latents = torch.randn(batch, model.cfg.latent_dim, generator=g).to(device, dtype)
+                run = decode(latents) if part == "decoder" else decode_compiled(latents)
             print(compare(variants, run, batch, args.repeats, device), flush=True)  # noqa: T201
     return 0
 

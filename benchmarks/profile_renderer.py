@@ -40,7 +40,7 @@ from _timing import sync  # noqa: E402
 from imtalker_core import compiled, pipeline  # noqa: E402
 from imtalker_core.compiled import COMPILE_MODES  # noqa: E402
 from imtalker_core.precision import fp32_matmul  # noqa: E402
-from imtalker_core.layers import attention  # noqa: E402
+from imtalker_core.layers import attention, stylegan  # noqa: E402
 from imtalker_core.renderer import IMTRenderer  # noqa: E402
 from tests.helpers.standin import standin_renderer  # noqa: E402
 
@@ -137,12 +137,15 @@ def main(argv=None) -> int:
                     help="the anchor picks: Triton kernel for half precision on CUDA (auto), always, or never")
     ap.add_argument("--window-kernel", default="auto", choices=list(attention.WINDOW_KERNEL_MODES),
                     help="the window attention: Triton kernel for half precision on CUDA (auto), always, or never")
+    ap.add_argument("--compiled-blur", default="shifts", choices=("shifts", "conv"),
+                    help="the motion decoder's blurs in compiled code: shifted sums (default) or the depthwise conv")
     ap.add_argument("--top", type=int, default=25, help="rows of the kernel table")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    stylegan.BLUR_BY_SHIFTS_WHEN_COMPILING = args.compiled_blur == "shifts"
     device = torch.device(args.device)
     name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[name]
@@ -155,6 +158,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     env = dict(torch=torch.__version__, device=str(device), dtype=name, batch=b, batches=args.batches,
                compile=args.compile, argmax_kernel=args.argmax_kernel, window_kernel=args.window_kernel,
+               compiled_blur=args.compiled_blur,
                threads=torch.get_num_threads(),
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     print(f"torch {env['torch']}, {env['gpu'] or device}, {name}, batch {b} × {args.batches}, compile {args.compile}, "

@@ -16,6 +16,8 @@ from imtalker_core import IMTRenderer, MotionGenerator, compiled, pipeline, rend
 from imtalker_core.cli import build_parser
 from imtalker_core.config import GeneratorConfig, tiny_renderer_config
 from imtalker_core.errors import InputError
+from imtalker_core.layers import stylegan
+from imtalker_core.layers.stylegan import Blur
 from tests.helpers.tiny_render import tiny_render_case
 
 FRAMES = 5
@@ -155,6 +157,36 @@ def test_generator_velocity_traces_once_and_samples_the_same_motion():
     assert len(backend.graphs) == 1  # three windows × three steps, one shape
     assert eager.abs().max() > 0
     torch.testing.assert_close(motion, eager, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pad, gain", [((1, 1), 4.0), ((2, 2), 1.0), ((2, 1), 1.0)])  # up-, downsampling, odd
+def test_compiled_blur_is_the_depthwise_conv_without_a_conv(dtype, pad, gain):
+    blur = Blur(pad=pad, gain=gain)
+    x = torch.randn(2, 3, 9, 7, generator=torch.Generator().manual_seed(6)).to(dtype)
+    backend = RecordingBackend()
+    with torch.no_grad():
+        eager = blur(x.float()).to(dtype)  # the conv in float32, rounded once, as the shifted sums are
+        traced = torch.compile(blur, backend=backend, fullgraph=True)(x)
+    targets = {str(node.target) for node in backend.graphs[0].graph.nodes}
+    assert not any("conv" in t for t in targets), targets
+    assert traced.dtype == dtype and traced.shape == eager.shape == (2, 3, 9 + sum(pad) - 3, 7 + sum(pad) - 3)
+    torch.testing.assert_close(traced, eager, rtol=1e-6 if dtype == torch.float32 else None,
+                               atol=1e-6 if dtype == torch.float32 else None)
+
+
+def test_compiled_blur_switch_keeps_the_conv():
+    backend = RecordingBackend()
+    x = torch.randn(1, 2, 6, 6)
+    original = stylegan.BLUR_BY_SHIFTS_WHEN_COMPILING
+    stylegan.BLUR_BY_SHIFTS_WHEN_COMPILING = False
+    try:
+        with torch.no_grad():
+            traced = torch.compile(Blur(pad=(1, 1)), backend=backend, fullgraph=True)(x)
+    finally:
+        stylegan.BLUR_BY_SHIFTS_WHEN_COMPILING = original
+    assert any("conv2d" in str(node.target) for node in backend.graphs[0].graph.nodes)
+    torch.testing.assert_close(traced, Blur(pad=(1, 1))(x), rtol=0, atol=0)
 
 
 def test_settings_are_checked():

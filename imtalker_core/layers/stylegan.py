@@ -24,6 +24,31 @@ def blur_kernel_2d(taps: tuple[int, ...] = (1, 3, 3, 1), gain: float = 1.0) -> t
     return k / k.sum() * gain
 
 
+# In compiled code the blur is a sum of shifted copies, which inductor fuses into one elementwise kernel. As a
+# depthwise conv it went to cuDNN's grouped direct kernel once inductor had made the motion decoder
+# channels-last: 0.08 ms of a 1.08 ms compiled fp16 frame (H200, batch 32, four blurs of a few MB each;
+# benchmarks/results/2026-11-27-h200/run2-profile_compiled.json). Eager code keeps the conv (one launch).
+# A switch for A/B runs (benchmarks/profile_renderer.py --compiled-blur).
+BLUR_BY_SHIFTS_WHEN_COMPILING = True
+
+
+def blur_by_shifts(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Every channel of `x` `[B, C, H + k - 1, W + k - 1]` (already padded) correlated with `kernel` `[k, k]`.
+
+    The same sums as the depthwise conv, in float32 (a half-precision conv accumulates in float32 too) and
+    in another order, rounded once to `x.dtype`. Returns `[B, C, H, W]`.
+    """
+    k = kernel.shape[-1]
+    h, w = x.shape[-2] - k + 1, x.shape[-1] - k + 1
+    xf, taps = x.float(), kernel.float()
+    out = None
+    for row in range(k):
+        for col in range(k):
+            term = xf[..., row:row + h, col:col + w] * taps[row, col]
+            out = term if out is None else out + term
+    return out.to(x.dtype)
+
+
 class Blur(nn.Module):
     """Depthwise FIR filter with asymmetric zero padding `(pad_before, pad_after)` on both axes."""
 
@@ -37,6 +62,8 @@ class Blur(nn.Module):
         p0, p1 = self.pad
         x = F.pad(x, [p0, p1, p0, p1])
         # The taps are symmetric, so correlation equals the reference's flipped convolution.
+        if BLUR_BY_SHIFTS_WHEN_COMPILING and torch.compiler.is_compiling():
+            return blur_by_shifts(x, self.kernel)
         weight = self.kernel.to(x.dtype).expand(c, 1, *self.kernel.shape)
         return F.conv2d(x, weight, groups=c)
 
