@@ -13,10 +13,15 @@ also compiles the kernels):
 - kernel cuda-cores: `anchor_argmax_triton.head_mean_argmax_triton` with IEEE float32 products, the default
   launch (what float32 inputs get, and half inputs got before the tensor-core products);
 - kernel tc mM nN wW: the products on TF32 tensor cores (exact for fp16/bf16 inputs; half precision only)
-  with M queries and N keys per step and W warps per program.
+  with M queries and N keys per step and W warps per program;
+- with values (half precision): what the anchor level needs, the picks and the attended values
+  `[B, 8, 4096, 16]` of values `[1, 8, 4096, 16]`: "picks + sdpa values" (the default launch, then
+  `attention.attend`, i.e. `scaled_dot_product_attention`; `attention.ANCHOR_VALUES_IN_KERNEL` off) against
+  "picks and values in the kernel" (`anchor_attention_triton`, the default).
 
-The table gives the median and fastest ms per frame, and how many of the B·4096 picks differ from the
-torch code's (near-ties below float32 rounding may). CUDA only for the kernel rows.
+The table gives the median and fastest ms per frame, how many of the B·4096 picks differ from the
+torch code's (near-ties below float32 rounding may) and, for the rows with values, their largest difference
+from float32 attention. CUDA only for the kernel rows.
 """
 from __future__ import annotations
 
@@ -33,24 +38,27 @@ sys.path.insert(0, str(ROOT))
 
 from _timing import timed  # noqa: E402
 from imtalker_core.layers import anchor_argmax_triton as kernel  # noqa: E402
-from imtalker_core.layers.attention import head_mean_argmax  # noqa: E402
+from imtalker_core.layers.attention import attend, head_mean_argmax  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HEADS, QUERIES, KEYS, WIDTH, SCALE = 8, 64 * 64, 64 * 64, 16, 0.25
 
 
 def variants(dtype: torch.dtype, device: torch.device, args) -> dict:
-    """name → function of (q, k) returning the picks `[B, Nq]`."""
-    found = {"torch": lambda q, k: head_mean_argmax(q, k, SCALE)[0]}
+    """name → function of (q, k, v) returning the picks `[B, Nq]` and the values `[B, H, Nq, d]` or None."""
+    found = {"torch": lambda q, k, v: (head_mean_argmax(q, k, SCALE)[0], None)}
     if kernel.unavailable_reason(device) is not None:
         print(f"no kernel rows: {kernel.unavailable_reason(device)}")  # noqa: T201
         return found
-    found["kernel cuda-cores"] = lambda q, k: kernel.head_mean_argmax_triton(q, k, SCALE, tensor_cores=False)
+    found["kernel cuda-cores"] = lambda q, k, v: (kernel.head_mean_argmax_triton(q, k, SCALE, tensor_cores=False),
+                                                  None)
     if dtype in kernel.HALF_DTYPES:
         for block_m, block_n, warps in itertools.product(args.block_m, args.block_n, args.warps):
             found[f"kernel tc m{block_m} n{block_n} w{warps}"] = (
-                lambda q, k, m=block_m, n=block_n, w=warps: kernel.head_mean_argmax_triton(
-                    q, k, SCALE, block_m=m, block_n=n, num_warps=w, tensor_cores=True))
+                lambda q, k, v, m=block_m, n=block_n, w=warps: (kernel.head_mean_argmax_triton(
+                    q, k, SCALE, block_m=m, block_n=n, num_warps=w, tensor_cores=True), None))
+        found["picks + sdpa values"] = lambda q, k, v: (kernel.head_mean_argmax_triton(q, k, SCALE), attend(q, k, v))
+        found["picks and values in the kernel"] = lambda q, k, v: kernel.anchor_attention_triton(q, k, v, SCALE)
     return found
 
 
@@ -68,29 +76,32 @@ def main() -> int:
     torch.set_grad_enabled(False)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, {name}, {args.repeats} repeats")  # noqa: T201
-    print("| dtype | batch | variant | ms/frame (median, min) | picks ≠ torch |")  # noqa: T201
-    print("| --- | --- | --- | --- | --- |")  # noqa: T201
+    print("| dtype | batch | variant | ms/frame (median, min) | picks ≠ torch | values, max diff |")  # noqa: T201
+    print("| --- | --- | --- | --- | --- | --- |")  # noqa: T201
     for dtype_name, batch in itertools.product(args.dtypes, args.batch_sizes):
         dtype = DTYPES[dtype_name]
         g = torch.Generator(device=device).manual_seed(batch)
         q = torch.randn(batch, HEADS, QUERIES, WIDTH, device=device, generator=g).to(dtype)
         k = torch.randn(1, HEADS, KEYS, WIDTH, device=device, generator=g).to(dtype)
-        found, picks, times = variants(dtype, device, args), {}, {}
+        v = torch.randn(1, HEADS, KEYS, WIDTH, device=device, generator=g).to(dtype)
+        found, picks, values, times = variants(dtype, device, args), {}, {}, {}
         for label, fn in list(found.items()):
             try:
-                picks[label] = fn(q, k)  # warm-up (compiles)
+                picks[label], values[label] = fn(q, k, v)  # warm-up (compiles)
             except Exception as err:  # noqa: BLE001 - a launch option this GPU refuses: reported, the rest kept
                 print(f"| {dtype_name} | {batch} | {label} | FAILED: {type(err).__name__}: "  # noqa: T201
-                      f"{str(err).splitlines()[0][:200]} | |")
+                      f"{str(err).splitlines()[0][:200]} | | |")
                 del found[label]
             times[label] = []
         for _ in range(args.repeats):
             for label, fn in found.items():
-                times[label].append(timed(lambda: fn(q, k), device)[1] * 1e3 / batch)
+                times[label].append(timed(lambda: fn(q, k, v), device)[1] * 1e3 / batch)
+        exact_values = attend(q.float(), k.float(), v.float()) if any(x is not None for x in values.values()) else None
         for label in found:
             differ = int((picks[label] != picks["torch"]).sum())
+            diff = "" if values[label] is None else f"{(values[label].float() - exact_values).abs().max().item():.1e}"
             print(f"| {dtype_name} | {batch} | {label} | {statistics.median(times[label]):.3f}, "  # noqa: T201
-                  f"{min(times[label]):.3f} | {differ} of {picks[label].numel()} |", flush=True)
+                  f"{min(times[label]):.3f} | {differ} of {picks[label].numel()} | {diff} |", flush=True)
     return 0
 
 

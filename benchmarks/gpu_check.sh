@@ -10,13 +10,14 @@
 #
 # Steps, run in this order (their names are the log and JSON names): the CUDA-only tests (the Triton kernels
 # against the torch code, the kernels inside compiled code, the look-ahead copy); the anchor argmax kernel's
-# launch options; where a frame's time goes, eager and compiled (profile*, and compiled with the torch window
-# attention or with the decoder's blurs as convs); the renderer per precision and batch size; the 10 s clip
-# eager; the streaming latency and cold start; the synthesis layouts on CUDA (channels-last, BatchNorm fold,
-# up-sampling phases) with each set of the synthesis network's Triton kernels; the motion encoder's layouts and
-# the decoder's two modulated-conv forms; the Triton window-attention kernel forced; the torch argmax; parity;
-# torch.compile "reduce-overhead" alone; the clip eager and compiled. Each step has its own time limit so that one hang
-# costs only itself; the default steps take about 7.5 minutes on an H200.
+# launch options and its values against SDPA's; where a frame's time goes, eager and compiled (profile*, and
+# compiled with the torch window attention, the decoder's blurs as convs or the anchor values from SDPA); the
+# renderer per precision and batch size; the 10 s clip eager; the streaming latency and cold start; the
+# synthesis layouts on CUDA (channels-last, BatchNorm fold, up-sampling phases) with each set of the synthesis
+# network's Triton kernels; the motion encoder's layouts and the decoder's two modulated-conv forms; the Triton
+# window-attention kernel forced; the torch argmax; parity; torch.compile "reduce-overhead" alone; the clip
+# eager and compiled. Each step has its own time limit so that one hang costs only itself; the default steps
+# take about 7.5 minutes on an H200.
 # benchmarks/results/ holds the results of earlier runs, one folder per run.
 set -uo pipefail
 out="${OUT:-gpu_results}"
@@ -24,7 +25,8 @@ mkdir -p "$out"
 py="${PYTHON:-python3}"
 all_steps=(cuda_tests anchor_kernel speed_kernel speed_clip stream layout motion speed_torch_argmax parity parity_torch_argmax
            speed_compiled speed_compiled_large clip_compiled profile profile_compiled reference stream_compiled
-           speed_window_kernel profile_compiled_torch_window profile_compiled_conv_blur)
+           speed_window_kernel profile_compiled_torch_window profile_compiled_conv_blur
+           profile_compiled_sdpa_values)
 # The goals' checks: correctness, the eager table, batch 1 / 32 / 64 compiled and the 10 s clip (~7.5 minutes on
 # an H200, 2026-11-27; the profiles and A/B steps are for finding the next lever).
 default_steps=(cuda_tests anchor_kernel speed_kernel speed_compiled speed_compiled_large clip_compiled)
@@ -64,6 +66,9 @@ step profile_compiled_torch_window 150 "$py" benchmarks/profile_renderer.py --de
 # The compiled frames step with the motion decoder's blurs as depthwise convs (profile_compiled: shifted sums).
 step profile_compiled_conv_blur 150 "$py" benchmarks/profile_renderer.py --device cuda --dtype fp16 \
     --batch-size 32 --batches 4 --compile default --compiled-blur conv --json "$out/profile_compiled_conv_blur.json"
+# ... and with the anchor level's values from SDPA instead of the argmax kernel's first pass.
+step profile_compiled_sdpa_values 150 "$py" benchmarks/profile_renderer.py --device cuda --dtype fp16 \
+    --batch-size 32 --batches 4 --compile default --anchor-values sdpa --json "$out/profile_compiled_sdpa_values.json"
 step speed_kernel 120 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 fp32 tf32 --batch-sizes 1 8 32 64 \
     --frames 128 --repeats 2 --paths fast --sections anchor renderer parity --json "$out/speed_kernel.json"
 step speed_clip 60 "$py" benchmarks/speed.py --device cuda --dtypes fp16 --batch-sizes 16 32 --frames 64 \

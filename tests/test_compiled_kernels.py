@@ -28,7 +28,9 @@ def _interpreter_worker(out_path: str) -> None:
     from imtalker_core.layers import anchor_argmax_triton, window_attention_triton
 
     A.ARGMAX_KERNEL_DEVICE_TYPES = A.WINDOW_KERNEL_DEVICE_TYPES = ("cpu",)
-    argmax_calls = count_calls(anchor_argmax_triton, "head_mean_argmax_triton")
+    # The anchor kernel with the values (A.ANCHOR_VALUES_IN_KERNEL, the default); the picks-only one must not run.
+    argmax_calls = count_calls(anchor_argmax_triton, "anchor_attention_triton")
+    picks_only_calls = count_calls(anchor_argmax_triton, "head_mean_argmax_triton")
     window_calls = count_calls(window_attention_triton, "window_attention_triton")
     model, identity, motion = tiny_render_case(FRAMES)
     model = model.to(torch.bfloat16)
@@ -47,11 +49,21 @@ def _interpreter_worker(out_path: str) -> None:
     render("compiled kernels", "auto", "auto")
     results["prepared"] = torch.tensor([(name, "cpu", torch.bfloat16) in A._COMPILED_KERNELS
                                         for name in ("anchor argmax", "window attention")])
+    # The A/B switch off: the picks-only kernel (its own custom op) and SDPA for the values.
+    A.ANCHOR_VALUES_IN_KERNEL = False
+    torch._dynamo.reset()
+    compiled.set_compile(model, "off")
+    compiled.set_compile(model, "default", backend="aot_eager")
+    before = len(picks_only_calls)
+    render("compiled picks-only kernel", "auto", "auto")
+    results["compiled picks-only kernel/picks-only calls"] = torch.tensor(len(picks_only_calls) - before)
+    A.ANCHOR_VALUES_IN_KERNEL = True
     torch._dynamo.reset()
     compiled.set_compile(model, "off")
     compiled.set_compile(model, "default", backend="aot_eager")
     render("compiled torch", "torch", "torch")
     results["prepared after torch"] = torch.tensor(len(A._COMPILED_KERNELS))
+    results["picks-only calls"] = torch.tensor(len(picks_only_calls))
     torch.save(results, out_path)
 
 
@@ -67,6 +79,11 @@ def test_compiled_frames_step_calls_the_prepared_kernels(interpreted):
     assert window_calls >= 2 and window_calls % 2 == 0
     # Compiled: the same calls, plus one of each by prepare_compiled_kernels' check before tracing.
     assert int(interpreted["compiled kernels/argmax calls"]) == 2 + 1
+    # The switch off: the picks-only kernel instead (the batches and its check), the same frames.
+    assert int(interpreted["compiled picks-only kernel/argmax calls"]) == 0
+    assert int(interpreted["compiled picks-only kernel/picks-only calls"]) == 2 + 1
+    assert int(interpreted["picks-only calls"]) == 3
+    torch.testing.assert_close(interpreted["compiled picks-only kernel"].float(), eager.float(), rtol=0, atol=2e-2)
     assert int(interpreted["compiled kernels/window calls"]) == window_calls + 1
     assert compiled_frames.shape == eager.shape and eager.shape[0] == FRAMES
     torch.testing.assert_close(compiled_frames.float(), eager.float(), rtol=0, atol=2e-2)
@@ -116,7 +133,7 @@ def test_cuda_compiled_frames_use_the_kernels(monkeypatch):
     from imtalker_core.layers import anchor_argmax_triton, window_attention_triton
 
     calls = []
-    for module, name in ((anchor_argmax_triton, "head_mean_argmax_triton"),
+    for module, name in ((anchor_argmax_triton, "anchor_attention_triton"),
                          (window_attention_triton, "window_attention_triton")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
@@ -136,5 +153,5 @@ def test_cuda_compiled_frames_use_the_kernels(monkeypatch):
         torch._dynamo.reset()
     prepared = {(name, "cuda", torch.float16) for name in ("anchor argmax", "window attention")}
     assert prepared <= A._COMPILED_KERNELS
-    assert "head_mean_argmax_triton" in calls and "window_attention_triton" in calls
+    assert "anchor_attention_triton" in calls and "window_attention_triton" in calls
     torch.testing.assert_close(frames, expected, rtol=0, atol=3e-2)

@@ -1,4 +1,4 @@
-"""The anchor level's head-averaged attention argmax as two Triton kernels that never build the map.
+"""The anchor level's head-averaged attention argmax (and its attended values) in two Triton kernels, no map.
 
 Same reduction as `attention.head_mean_argmax`: for every query, the key with the largest
 head-averaged softmax weight, from float32 logits `(q·kᵀ)·scale` (inputs cast to float32 exactly;
@@ -9,7 +9,12 @@ index among equal best values. Two passes over blocks of `BLOCK_N` keys for each
 queries:
 
 1. per (query, head): the running maximum `m` of the logits and the normaliser
-   `z = Σ exp(l − m)` (online softmax, rescaled whenever `m` grows); stores `m` and `1/z`;
+   `z = Σ exp(l − m)` (online softmax, rescaled whenever `m` grows); stores `m` and `1/z`. With values
+   `v` (`anchor_attention_triton`) the same pass is flash attention's forward: it also accumulates
+   `Σ exp(l − m) v` from the weights it has just computed (for fp16/bf16 rounded to fp16 for the
+   product on tensor cores, as `scaled_dot_product_attention`'s flash kernels round them to the
+   inputs' dtype) and stores the attended values `[B, H, Nq, dv]`, so the anchor level needs no second
+   attention;
 2. per query: recomputes the logits block by block, sums `exp(l − m_h) · (1/z_h)` over the heads
    and keeps the best value and the lowest index reaching it.
 
@@ -90,23 +95,28 @@ if triton is not None:
 
     @triton.jit
     def _max_and_normaliser_kernel(
-            q_ptr, k_ptr, m_ptr, rz_ptr,
+            q_ptr, k_ptr, v_ptr, m_ptr, rz_ptr, o_ptr,
             stride_qb, stride_qh, stride_qn, stride_qd,
             stride_kb, stride_kh, stride_kn, stride_kd,
-            n_heads, n_queries, n_keys, head_dim, scale,
-            POST_SCALE: tl.constexpr, TENSOR_CORES: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Pass 1, one program per (query block, frame · head): `m` and `1/z` into `[B, H, Nq]` buffers."""
+            stride_vb, stride_vh, stride_vn, stride_vd,
+            n_heads, n_queries, n_keys, head_dim, value_dim, scale,
+            POST_SCALE: tl.constexpr, TENSOR_CORES: tl.constexpr, WITH_VALUES: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """Pass 1, one program per (query block, frame · head): `m` and `1/z` into `[B, H, Nq]` buffers;
+        WITH_VALUES also the attended values into `o` `[B, H, Nq, dv]` (contiguous)."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // n_heads
         h = pid_bh % n_heads
         q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         z = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for start in range(0, n_keys, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             logits = _logits(q_base, k_base, stride_qn, stride_qd, stride_kn, stride_kd, offs_m, offs_n, offs_d,
@@ -114,12 +124,30 @@ if triton is not None:
             logits = tl.where((offs_n < n_keys)[None, :], logits, float("-inf"))
             # Every block holds at least one real key, so m_new is finite and exp(m - m_new) is 0 at first.
             m_new = tl.maximum(m, tl.max(logits, axis=1))
-            z = z * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+            rescale = tl.exp(m - m_new)
+            weights = tl.exp(logits - m_new[:, None])
+            z = z * rescale + tl.sum(weights, axis=1)
+            if WITH_VALUES:
+                values = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                                 mask=(offs_n < n_keys)[:, None] & (offs_dv < value_dim)[None, :], other=0.0)
+                if TENSOR_CORES:
+                    # The weights (in [0, 1]) rounded to fp16, to nearest: as fine as flash attention's fp16
+                    # rounding and finer than its bf16 one, and exact in TF32 (which would truncate float32
+                    # weights); then, like the logits, exact TF32 products of half values with float32 sums.
+                    product = tl.dot(weights.to(tl.float16).to(tl.float32), values.to(tl.float32),
+                                     input_precision="tf32")
+                else:
+                    product = tl.dot(weights, values.to(tl.float32), input_precision="ieee")
+                acc = acc * rescale[:, None] + product
             m = m_new
         out = pid_bh.to(tl.int64) * n_queries + offs_m
         row_ok = offs_m < n_queries
         tl.store(m_ptr + out, m, mask=row_ok)
         tl.store(rz_ptr + out, tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), z), mask=row_ok)
+        if WITH_VALUES:
+            o = o_ptr + out[:, None] * value_dim + offs_dv[None, :]
+            tl.store(o, (acc / z[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (offs_dv < value_dim)[None, :])
 
     @triton.jit
     def _head_mean_argmax_kernel(
@@ -202,7 +230,7 @@ def available(device: torch.device | str | None = None) -> bool:
     return unavailable_reason(device) is None
 
 
-def unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> str | None:
     """Why these inputs are not for the kernels (shapes, dtypes, devices), or None. Never raises."""
     if q.dim() != 4 or k.dim() != 4:
         return f"q and k must be [B, H, N, d], got shapes {tuple(q.shape)} and {tuple(k.shape)}"
@@ -219,6 +247,15 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
         return "empty queries or keys"
     if b * h > MAX_GRID_Y:
         return f"{b} frames × {h} heads exceed the launch grid's {MAX_GRID_Y}"
+    if v is not None:
+        if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
+            return f"v {tuple(v.shape)} does not match k {tuple(k.shape)} (v must be [B or 1, H, Nk, dv])"
+        if v.dtype not in SUPPORTED_DTYPES or v.device != q.device:
+            return f"v is {v.dtype} on {v.device}: the kernel reads float32, float16 or bfloat16 beside q"
+        if not (1 <= v.shape[3] <= MAX_HEAD_DIM):
+            return f"value width {v.shape[3]} outside 1..{MAX_HEAD_DIM}"
+        if (q.dtype in HALF_DTYPES) != (v.dtype in HALF_DTYPES):
+            return f"q is {q.dtype} and v {v.dtype}: both half precision or neither"
     return None
 
 
@@ -252,7 +289,29 @@ def head_mean_argmax_triton(q: torch.Tensor, k: torch.Tensor, scale: float, bloc
     Raises RuntimeError when triton cannot run here and ValueError for inputs the kernel does not
     take; `unavailable_reason` / `unsupported_reason` say so beforehand.
     """
-    reason = unsupported_reason(q, k)
+    picks, _ = _launch(q, k, None, scale, block_m, block_n, num_warps, tensor_cores)
+    return picks
+
+
+def anchor_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                            block_m: int | None = None, block_n: int = BLOCK_N, num_warps: int | None = None,
+                            tensor_cores: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`head_mean_argmax_triton`'s picks and the attended values `softmax(q kᵀ · scale) v` per head,
+    from the first pass's weights (flash attention's forward) instead of a second attention.
+
+    v: `[B or 1, H, Nk, dv]` beside k, half precision where q is (or float32 where q is). The weights are
+    float32, rounded to fp16 for the product with v on tensor cores (half inputs; IEEE float32 products of
+    unrounded weights where `tensor_cores` is False or for float32), summed in float32 and divided by the
+    normaliser. Returns
+    (picks `[B, Nq]` int64, values `[B, H, Nq, dv]` contiguous in v's dtype). Launch options and errors
+    as in `head_mean_argmax_triton`.
+    """
+    picks, values = _launch(q, k, v, scale, block_m, block_n, num_warps, tensor_cores)
+    return picks, values
+
+
+def _launch(q, k, v, scale, block_m, block_n, num_warps, tensor_cores):
+    reason = unsupported_reason(q, k, v)
     if reason is not None:
         raise ValueError(f"the Triton anchor argmax does not take these inputs: {reason}")
     for option, value in (("block_m", block_m), ("block_n", block_n)):
@@ -268,6 +327,7 @@ def head_mean_argmax_triton(q: torch.Tensor, k: torch.Tensor, scale: float, bloc
         raise RuntimeError(f"the Triton anchor argmax cannot run: {reason}")
     b, h, nq, d = q.shape
     nk = k.shape[2]
+    dv = v.shape[3] if v is not None else 1
     block_d = max(16, triton.next_power_of_2(d))
     if block_m is None:
         block_m = _block_m(q.device, b, nq, TENSOR_CORE_BLOCK_M_CHOICES if tensor_cores else BLOCK_M_CHOICES)
@@ -275,19 +335,27 @@ def head_mean_argmax_triton(q: torch.Tensor, k: torch.Tensor, scale: float, bloc
         num_warps = TENSOR_CORE_WIDE_WARPS if tensor_cores and block_m >= 128 else NUM_WARPS
     # A power-of-two scale commutes exactly with every rounding of the product (as in head_mean_argmax).
     post_scale = not _is_power_of_two(scale)
-    k_stride_b = k.stride(0) if k.shape[0] == b and b > 1 else 0  # batch 1: every frame reads the same keys
-    strides = (*q.stride(), k_stride_b, *k.stride()[1:])
+    shared = b > 1 and k.shape[0] == 1  # batch 1: every frame reads the same keys (and values)
+    strides = (*q.stride(), 0 if shared else k.stride(0), *k.stride()[1:])
     m = torch.empty(b, h, nq, device=q.device, dtype=torch.float32)
     rz = torch.empty_like(m)
     out = torch.empty(b, nq, device=q.device, dtype=torch.int64)
-    sizes = (h, nq, nk, d, float(scale))
+    if v is None:  # the values code is compiled out (WITH_VALUES); any tensor fills its places
+        values, value_strides = m, (0, 0, 0, 0)
+    else:
+        values = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
+        value_strides = (0 if shared else v.stride(0), *v.stride()[1:])
+    sizes = (h, nq, nk, d, dv, float(scale))
     meta = dict(POST_SCALE=post_scale, TENSOR_CORES=tensor_cores, BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_D=block_d, num_warps=num_warps)
     # Triton launches on the current CUDA device: make it q's.
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        _max_and_normaliser_kernel[(triton.cdiv(nq, block_m), b * h)](q, k, m, rz, *strides, *sizes, **meta)
-        _head_mean_argmax_kernel[(triton.cdiv(nq, block_m), b)](q, k, m, rz, out, *strides, *sizes, **meta)
-    return out
+        _max_and_normaliser_kernel[(triton.cdiv(nq, block_m), b * h)](
+            q, k, m if v is None else v, m, rz, values, *strides, *value_strides, *sizes,
+            WITH_VALUES=v is not None, BLOCK_DV=max(16, triton.next_power_of_2(dv)), **meta)
+        _head_mean_argmax_kernel[(triton.cdiv(nq, block_m), b)](q, k, m, rz, out, *strides, *sizes[:4], sizes[5],
+                                                                **meta)
+    return out, None if v is None else values
 
 
 def _is_power_of_two(x: float) -> bool:

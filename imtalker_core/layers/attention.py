@@ -93,6 +93,11 @@ ARGMAX_KERNEL_MODES = ("auto", "triton", "torch")
 # Device types whose tensors may go to the Triton kernel (tests widen it to "cpu" under the interpreter).
 ARGMAX_KERNEL_DEVICE_TYPES = ("cuda",)
 _ARGMAX_KERNEL = "auto"
+# Where the argmax kernel runs, the anchor level's attended values come from its first pass, which already
+# computes every softmax weight (`anchor_argmax_triton.anchor_attention_triton`), instead of a second
+# attention (`attend`: SDPA, whose exponentials at 64² with head width 16 cost about as much again).
+# A switch for A/B runs (benchmarks/anchor_kernel_speed.py, profile_renderer.py --anchor-values).
+ANCHOR_VALUES_IN_KERNEL = True
 
 WINDOW_KERNEL_MODES = ("auto", "triton", "torch")
 # Device types whose tensors may go to the window kernel (tests widen it to "cpu" under the interpreter).
@@ -220,15 +225,24 @@ def _call_kernel(name: str, mode: str, fn):
         return None
 
 
-def _kernel_argmax(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """The Triton kernel's picks `[B, Nq]` for `head_mean_argmax`'s inputs, or None where the torch
-    code must compute them (see `argmax_kernel`)."""
+def _kernel_anchor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The Triton kernel's picks `[B, Nq]` for `head_mean_argmax`'s inputs and the attended values
+    `[B, H, Nq, dv]` (from the kernel, or `attend` when `ANCHOR_VALUES_IN_KERNEL` is off), or None where
+    the torch code must compute them (see `argmax_kernel`)."""
     from . import anchor_argmax_triton as kernel
 
-    if not _use_kernel("anchor argmax", _ARGMAX_KERNEL, q, ARGMAX_KERNEL_DEVICE_TYPES, kernel, q, k):
+    with_values = ANCHOR_VALUES_IN_KERNEL
+    inputs = (q, k, v) if with_values else (q, k)
+    if not _use_kernel("anchor argmax", _ARGMAX_KERNEL, q, ARGMAX_KERNEL_DEVICE_TYPES, kernel, *inputs):
         return None
-    launch = torch.ops.imtalker.anchor_argmax if torch.compiler.is_compiling() else kernel.head_mean_argmax_triton
-    return _call_kernel("anchor argmax", _ARGMAX_KERNEL, lambda: launch(q, k, scale))
+    compiling = torch.compiler.is_compiling()
+    if with_values:
+        launch = torch.ops.imtalker.anchor_attention if compiling else kernel.anchor_attention_triton
+        return _call_kernel("anchor argmax", _ARGMAX_KERNEL, lambda: launch(q, k, v, scale))
+    launch = torch.ops.imtalker.anchor_argmax if compiling else kernel.head_mean_argmax_triton
+    picks = _call_kernel("anchor argmax", _ARGMAX_KERNEL, lambda: launch(q, k, scale))
+    return None if picks is None else (picks, attend(q, k, v))
 
 
 def prepare_compiled_kernels(device: torch.device, dtype: torch.dtype) -> None:
@@ -263,9 +277,16 @@ def prepare_compiled_kernels(device: torch.device, dtype: torch.dtype) -> None:
 def _check_argmax_op(device: torch.device, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 2, 32, 16, generator=g).to(device, dtype)
-    k = torch.randn(1, 2, 80, 16, generator=g).to(device, dtype)
-    picks = torch.ops.imtalker.anchor_argmax(q, k, 0.25)
-    expected, _ = head_mean_argmax(q, k, 0.25)
+    k, v = (torch.randn(1, 2, 80, 16, generator=g).to(device, dtype) for _ in range(2))
+    expected, expected_values = head_mean_argmax(q, k, 0.25, v)
+    if ANCHOR_VALUES_IN_KERNEL:
+        picks, values = torch.ops.imtalker.anchor_attention(q, k, v, 0.25)
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        if not torch.allclose(values.float(), expected_values.float(), atol=tolerance, rtol=tolerance):
+            raise RuntimeError(f"its values differ from the torch code's by "
+                               f"{(values.float() - expected_values.float()).abs().max().item():.3g}")
+    else:
+        picks = torch.ops.imtalker.anchor_argmax(q, k, 0.25)
     if (picks != expected).float().mean().item() > 0.05:  # near-ties aside, the same picks
         raise RuntimeError("its picks disagree with the torch code's")
 
@@ -434,9 +455,9 @@ class FullAttention(nn.Module):
         k, v = kv if kv is not None else self.project_kv(key, value)
         if not return_argmax:
             return self.proj(_merge_heads(attend(q, k, v)))
-        argmax = _kernel_argmax(q, k, self.scale)
-        if argmax is not None:
-            out = attend(q, k, v)  # the kernel gives the picks only; values as on the GPU route below
+        from_kernel = _kernel_anchor(q, k, v, self.scale)
+        if from_kernel is not None:
+            argmax, out = from_kernel
         elif _values_from_probs(q.device):
             argmax, out = head_mean_argmax(q, k, self.scale, v)
         else:

@@ -8,7 +8,7 @@ through these ops, to skip the dispatcher. `attention` decides where each op is 
 `window_kernel`, `prepare_compiled_kernels`).
 """
 # No `from __future__ import annotations`: torch.library reads the ops' schemas from real annotations.
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -24,6 +24,20 @@ def anchor_argmax(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
 @anchor_argmax.register_fake
 def _anchor_argmax_fake(q, k, scale):
     return q.new_empty((q.shape[0], q.shape[2]), dtype=torch.int64)
+
+
+@torch.library.custom_op("imtalker::anchor_attention", mutates_args=())
+def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`anchor_argmax_triton.anchor_attention_triton(q, k, v, scale)`: picks `[B, Nq]` int64 and values
+    `[B, H, Nq, dv]` in v's dtype."""
+    return anchor_argmax_triton.anchor_attention_triton(q, k, v, scale)
+
+
+@anchor_attention.register_fake
+def _anchor_attention_fake(q, k, v, scale):
+    return (q.new_empty((q.shape[0], q.shape[2]), dtype=torch.int64),
+            v.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3])))
 
 
 @torch.library.custom_op("imtalker::window_attention", mutates_args=())
