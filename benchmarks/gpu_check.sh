@@ -10,26 +10,26 @@
 #
 # Steps, run in this order (their names are the log and JSON names): the CUDA-only tests (the Triton kernels
 # against the torch code, the kernels inside compiled code, the look-ahead copy); the anchor argmax kernel's
-# launch options and its values against SDPA's; where a frame's time goes, eager and compiled (profile*, and
-# compiled with the torch window attention, the decoder's blurs as convs or the anchor values from SDPA); the
-# renderer per precision and batch size; the 10 s clip eager; the streaming latency and cold start; the
-# synthesis layouts on CUDA (channels-last, BatchNorm fold, up-sampling phases) with each set of the synthesis
-# network's Triton kernels; the motion encoder's layouts and the decoder's two modulated-conv forms; the Triton
-# window-attention kernel forced; the torch argmax; parity; torch.compile "reduce-overhead" alone; the clip
-# eager and compiled. Each step has its own time limit so that one hang costs only itself; the default steps
-# take about 7.5 minutes on an H200.
+# launch options and its values against SDPA's; the window kernel's programs; where a frame's time goes, eager
+# and compiled (profile*, and compiled with the torch window attention, the decoder's blurs as convs or the
+# anchor values from SDPA); the renderer per precision and batch size; the 10 s clip eager; the streaming
+# latency and cold start; the synthesis layouts on CUDA (channels-last, BatchNorm fold, up-sampling phases)
+# with each set of the synthesis network's Triton kernels; the motion encoder's layouts and the decoder's two
+# modulated-conv forms; the Triton window-attention kernel forced; the torch argmax; parity; torch.compile
+# "reduce-overhead" alone; the clip eager and compiled. Each step has its own time limit so that one hang costs
+# only itself; the default steps take about 8 minutes on an H200.
 # benchmarks/results/ holds the results of earlier runs, one folder per run.
 set -uo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
-all_steps=(cuda_tests anchor_kernel speed_kernel speed_clip stream layout motion speed_torch_argmax parity parity_torch_argmax
+all_steps=(cuda_tests anchor_kernel window_kernel speed_kernel speed_clip stream layout motion speed_torch_argmax parity parity_torch_argmax
            speed_compiled speed_compiled_large clip_compiled profile profile_compiled reference stream_compiled
            speed_window_kernel profile_compiled_torch_window profile_compiled_conv_blur
            profile_compiled_sdpa_values)
-# The goals' checks: correctness, the eager table, batch 1 / 32 / 64 compiled and the 10 s clip (~7.5 minutes on
-# an H200, 2026-11-27; the profiles and A/B steps are for finding the next lever).
-default_steps=(cuda_tests anchor_kernel speed_kernel speed_compiled speed_compiled_large clip_compiled)
+# The goals' checks: correctness, the two attention kernels' launch A/Bs, the eager table, batch 1 / 32 / 64
+# compiled and the 10 s clip (~8 minutes on an H200; the profiles and other A/B steps find the next lever).
+default_steps=(cuda_tests anchor_kernel window_kernel speed_kernel speed_compiled speed_compiled_large clip_compiled)
 steps=("${@:-${default_steps[@]}}")
 for name in "${steps[@]}"; do
     [[ " ${all_steps[*]} " == *" $name "* ]] || { echo "unknown step $name; steps: ${all_steps[*]}"; exit 2; }
@@ -55,6 +55,9 @@ step cuda_tests 150 env -C "$tests_copy" "$py" -m pytest -q -p no:cacheprovider 
 # The anchor argmax kernel's launch options (tensor-core products, tiles, warps) against the torch code.
 step anchor_kernel 90 "$py" benchmarks/anchor_kernel_speed.py --batch-sizes 32 --dtypes fp16 bf16 --block-m 64 128 \
     --block-n 64 128 --warps 4 8
+# The window attention kernel's programs: one per window (default) or per (window, head), at both window levels.
+step window_kernel 60 "$py" benchmarks/window_kernel_speed.py --batch-sizes 8 32 --dtypes fp16 bf16 \
+    --heads-per-program 8 1 2
 step profile 60 "$py" benchmarks/profile_renderer.py --device cuda --dtype fp16 --batch-size 32 --batches 4 \
     --json "$out/profile.json"
 # "default", not "reduce-overhead": the profiler may see a CUDA graph's replay as one launch, not its kernels.

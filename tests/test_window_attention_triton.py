@@ -36,6 +36,11 @@ CASES = {
 }
 
 
+# Launch options: (case, heads per program) other than the default (all of a window's heads).
+HEAD_GROUP_CASES = [("fp16-width-4-masked-strided", 1), ("fp16-width-4-masked-strided", 2),
+                    ("fp32-nine-tokens-masked", 1)]
+
+
 def case_inputs(name: str):
     """Seeded q, k, v `[B·nW, n, C]`, bias `[heads, n, n]` and mask `[nW, n, n]` or None of a case."""
     windows, images, n, heads, width, masked, dtype, strided = CASES[name]
@@ -85,6 +90,10 @@ def _interpreter_worker(out_path: str) -> None:
     for name, case in CASES.items():
         q, k, v, bias, mask = case_inputs(name)
         results[f"direct/{name}"] = K.window_attention_triton(q, k, v, case[3], case[4] ** -0.5, bias, mask)
+    for name, group in HEAD_GROUP_CASES:
+        q, k, v, bias, mask = case_inputs(name)
+        results[f"group/{name}/{group}"] = K.window_attention_triton(q, k, v, CASES[name][3], CASES[name][4] ** -0.5,
+                                                                      bias, mask, heads_per_program=group)
     calls = count_calls(K, "window_attention_triton")
     A.WINDOW_KERNEL_DEVICE_TYPES = ("cpu",)
     x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -108,6 +117,19 @@ def test_kernel_equals_the_written_out_map(interpreted, name):
     # The mask matters here: without it the values differ (the test would not see a kernel ignoring it).
     if mask is not None:
         assert (explicit(q, k, v, heads, width ** -0.5, bias, None) - expected).abs().max().item() > 0.05
+
+
+@pytest.mark.parametrize("name, group", HEAD_GROUP_CASES)
+def test_heads_per_program_changes_nothing(interpreted, name, group):
+    """One program per (window, head), or per pair of heads, computes each head as one per window does."""
+    assert torch.equal(interpreted[f"group/{name}/{group}"], interpreted[f"direct/{name}"])
+
+
+def test_heads_per_program_is_checked():
+    q = torch.randn(4, 64, 32)
+    for group in (0, 3, 16):
+        with pytest.raises(ValueError, match=f"heads_per_program={group}: use a divisor of the 8 heads"):
+            K.window_attention_triton(q, q, q, 8, 0.5, torch.zeros(8, 64, 64), None, heads_per_program=group)
 
 
 @pytest.mark.parametrize("shift", [0, 4])

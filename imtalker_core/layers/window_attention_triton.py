@@ -3,10 +3,13 @@
 Same map as `attention.WindowAttention._forward_explicit` for projected queries, keys and values:
 per window and head, `softmax(q·kᵀ·scale + bias + mask) · v`, with the learned relative-position
 bias `[heads, n, n]` and, for shifted blocks, the region mask `[nW, n, n]` of the window's place in
-its image. One program per (window, head) keeps its `n × n` logits (64 × 64 at the official window
-of 8) in registers: the explicit route writes and reads that map four times (product, bias, softmax,
-values) — 67 MB a frame per block at the 256² level in fp16, where a head is only 4 channels wide,
-against 16 MB of queries, keys, values and output.
+its image. One program per window (by default; `heads_per_program`) keeps each head's `n × n` logits
+(64 × 64 at the official window of 8) in registers in turn: the explicit route writes and reads that map
+four times (product, bias, softmax, values) — 67 MB a frame per block at the 256² level in fp16, where a
+head is only 4 channels wide, against 16 MB of queries, keys, values and output. The window's mask
+(16 KB of float32) is read once for all its heads: with one program per (window, head), as first
+written, it was read once per head, 134 MB a frame per shifted 256² block from the L2 cache, 8× the
+tensors the block attends to; the heads of one window also share the cache lines of its token rows.
 
 Float32 logits and softmax in every precision; half-precision inputs are multiplied on tensor cores
 with float32 accumulation, float32 inputs in IEEE float32 (never TF32), and the probabilities are
@@ -32,6 +35,9 @@ from .anchor_argmax_triton import MAX_GRID_Y, SUPPORTED_DTYPES, available, tl, t
 MAX_TOKENS = 64
 MAX_HEAD_DIM = 64
 NUM_WARPS = 4
+# Heads per program: None → all of a window's heads (its mask read once); 1 → the first form, one program per
+# (window, head), kept for A/B runs (benchmarks/layout_speed.py --window-heads-per-program).
+HEADS_PER_PROGRAM = None
 
 __all__ = ["available", "unavailable_reason", "unsupported_reason", "window_attention_triton"]
 
@@ -42,50 +48,54 @@ if triton is not None:
             q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr,
             stride_qw, stride_qn, stride_qc, stride_kw, stride_kn, stride_kc,
             stride_vw, stride_vn, stride_vc, stride_ow, stride_on, stride_oc,
-            n_tokens, head_dim, windows_per_image, scale,
+            n_tokens, head_dim, windows_per_image, heads_per_program, scale,
             HAS_MASK: tl.constexpr, IEEE: tl.constexpr, BF16: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr):
-        """One program per (window, head): the head's attended values `[n, d]` of one window."""
+        """One program per (window, group of `heads_per_program` heads): those heads' attended values
+        `[n, d]` of one window, one head after another."""
         window = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         n_ok = offs_n < n_tokens
         d_ok = offs_d < head_dim
-        channels = head * head_dim + offs_d
         tile_ok = n_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + window * stride_qw + offs_n[:, None] * stride_qn + channels[None, :] * stride_qc,
-                    mask=tile_ok, other=0.0)
-        kt = tl.load(k_ptr + window * stride_kw + channels[:, None] * stride_kc + offs_n[None, :] * stride_kn,
-                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + window * stride_vw + offs_n[:, None] * stride_vn + channels[None, :] * stride_vc,
-                    mask=tile_ok, other=0.0)
-        if IEEE:
-            logits = tl.dot(q, kt, input_precision="ieee")
-        elif BF16:
-            # bfloat16 values are exact in TF32, so this is the bfloat16 product (exact products, float32
-            # sums); Triton's CPU interpreter has no bfloat16 tl.dot (wrong values), the GPU does either.
-            logits = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="tf32")
-        else:
-            logits = tl.dot(q, kt)
-        logits = logits * scale
         pair = offs_n[:, None] * n_tokens + offs_n[None, :]
         pair_ok = n_ok[:, None] & n_ok[None, :]
-        logits += tl.load(bias_ptr + head * n_tokens * n_tokens + pair, mask=pair_ok, other=0.0)
+        # -inf on the padded keys, and the window's mask: the same for all its heads, so read once.
+        extra = tl.where(n_ok[None, :], 0.0, float("-inf"))
         if HAS_MASK:
             place = window % windows_per_image
-            logits += tl.load(mask_ptr + place * n_tokens * n_tokens + pair, mask=pair_ok, other=0.0)
-        logits = tl.where(n_ok[None, :], logits, float("-inf"))
-        weights = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        probs = weights / tl.sum(weights, axis=1)[:, None]
-        if IEEE:
-            out = tl.dot(probs, v, input_precision="ieee")
-        elif BF16:
-            out = tl.dot(probs.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), input_precision="tf32")
-        else:
-            out = tl.dot(probs.to(v.dtype), v)
-        tl.store(out_ptr + window * stride_ow + offs_n[:, None] * stride_on + channels[None, :] * stride_oc,
-                 out.to(out_ptr.dtype.element_ty), mask=tile_ok)
+            extra += tl.load(mask_ptr + place * n_tokens * n_tokens + pair, mask=pair_ok, other=0.0)
+        for i in range(0, heads_per_program):
+            head = tl.program_id(1) * heads_per_program + i
+            channels = head * head_dim + offs_d
+            q = tl.load(q_ptr + window * stride_qw + offs_n[:, None] * stride_qn + channels[None, :] * stride_qc,
+                        mask=tile_ok, other=0.0)
+            kt = tl.load(k_ptr + window * stride_kw + channels[:, None] * stride_kc + offs_n[None, :] * stride_kn,
+                         mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            v = tl.load(v_ptr + window * stride_vw + offs_n[:, None] * stride_vn + channels[None, :] * stride_vc,
+                        mask=tile_ok, other=0.0)
+            if IEEE:
+                logits = tl.dot(q, kt, input_precision="ieee")
+            elif BF16:
+                # bfloat16 values are exact in TF32, so this is the bfloat16 product (exact products, float32
+                # sums); Triton's CPU interpreter has no bfloat16 tl.dot (wrong values), the GPU does either.
+                logits = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="tf32")
+            else:
+                logits = tl.dot(q, kt)
+            logits = logits * scale
+            # The bias, then the mask, in the explicit route's order.
+            logits = (logits + tl.load(bias_ptr + head * n_tokens * n_tokens + pair, mask=pair_ok, other=0.0)) + extra
+            weights = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+            probs = weights / tl.sum(weights, axis=1)[:, None]
+            if IEEE:
+                out = tl.dot(probs, v, input_precision="ieee")
+            elif BF16:
+                out = tl.dot(probs.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), input_precision="tf32")
+            else:
+                out = tl.dot(probs.to(v.dtype), v)
+            tl.store(out_ptr + window * stride_ow + offs_n[:, None] * stride_on + channels[None, :] * stride_oc,
+                     out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -112,16 +122,23 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
 
 
 def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-                            bias: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+                            bias: torch.Tensor, mask: torch.Tensor | None = None,
+                            heads_per_program: int | None = None) -> torch.Tensor:
     """Windowed attention of projected windows (see the module docstring).
 
     q, k, v: `[B·nW, n, C]` (windows image-major, heads major in the channels: `C = heads·d`), one dtype
     of float32 / float16 / bfloat16, any strides; bias `[heads, n, n]` (the gathered relative-position
     bias); mask `[nW, n, n]` additive (the shifted blocks' region mask) or None; both read in float32.
-    Returns `[B·nW, n, C]` in q's dtype, heads major in the channels (ready for the output projection).
+    `heads_per_program` (a divisor of `heads`; default `HEADS_PER_PROGRAM`, None: all) is a launch option
+    for tests and benchmarks. Returns `[B·nW, n, C]` in q's dtype, heads major in the channels (ready for
+    the output projection).
 
     Raises RuntimeError when triton cannot run here and ValueError for inputs it does not take.
     """
+    group = heads_per_program if heads_per_program is not None else HEADS_PER_PROGRAM
+    group = heads if group is None else group
+    if group < 1 or heads % group:
+        raise ValueError(f"heads_per_program={group}: use a divisor of the {heads} heads")
     reason = unavailable_reason(q.device)
     if reason is not None:
         raise RuntimeError(f"the Triton window attention cannot run: {reason}")
@@ -138,7 +155,7 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
                 num_warps=NUM_WARPS)
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        _window_attention_kernel[(windows, heads)](
+        _window_attention_kernel[(windows, heads // group)](
             q, k, v, bias, bias if mask is None else mask, out, *strides,
-            n, channels // heads, mask.shape[0] if mask is not None else 1, float(scale), **meta)
+            n, channels // heads, mask.shape[0] if mask is not None else 1, group, float(scale), **meta)
     return out
