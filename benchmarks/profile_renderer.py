@@ -140,6 +140,9 @@ def main(argv=None) -> int:
     ap.add_argument("--anchor-values", default="kernel", choices=("kernel", "sdpa"),
                     help="where the argmax kernel runs, the anchor level's values from its first pass (default) "
                          "or from a second attention")
+    ap.add_argument("--window-bias", default="table", choices=("table", "bias"),
+                    help="the window kernel gathers the relative-position bias from its table (default) "
+                         "or reads it gathered")
     ap.add_argument("--compiled-blur", default="shifts", choices=("shifts", "conv"),
                     help="the motion decoder's blurs in compiled code: shifted sums (default) or the depthwise conv")
     ap.add_argument("--top", type=int, default=25, help="rows of the kernel table")
@@ -150,6 +153,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     stylegan.BLUR_BY_SHIFTS_WHEN_COMPILING = args.compiled_blur == "shifts"
     attention.ANCHOR_VALUES_IN_KERNEL = args.anchor_values == "kernel"
+    attention.WINDOW_BIAS_FROM_TABLE = args.window_bias == "table"
     device = torch.device(args.device)
     name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[name]
@@ -162,7 +166,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     env = dict(torch=torch.__version__, device=str(device), dtype=name, batch=b, batches=args.batches,
                compile=args.compile, argmax_kernel=args.argmax_kernel, window_kernel=args.window_kernel,
-               anchor_values=args.anchor_values, compiled_blur=args.compiled_blur,
+               anchor_values=args.anchor_values, window_bias=args.window_bias, compiled_blur=args.compiled_blur,
                threads=torch.get_num_threads(),
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     print(f"torch {env['torch']}, {env['gpu'] or device}, {name}, batch {b} × {args.batches}, compile {args.compile}, "

@@ -147,14 +147,19 @@ def key_mismatches(own: Mapping[str, torch.Tensor], entries: Mapping[str, torch.
 
 
 def load_strict(model: nn.Module, entries: Mapping[str, torch.Tensor], source: str, kind: str) -> None:
-    """Load `entries` into `model`: derived buffers may be missing, nothing else may differ, and every
-    floating value must be finite."""
+    """Load `entries` into `model`: derived buffers may be missing, those of integers (the window
+    attention's relative-position index) must equal the architecture's when present, nothing else may
+    differ, and every floating value must be finite."""
     own = model.state_dict()
     derived = {name for name, _ in model.named_buffers() if not name.endswith(("running_mean", "running_var",
                                                                                 "num_batches_tracked"))}
     entries = dict(entries)
-    for name in derived:
-        entries.setdefault(name, own[name])
+    for name in sorted(derived):
+        given = entries.setdefault(name, own[name])
+        # An index is used to gather (by the window kernel too, which trusts it); the architecture defines it.
+        if not own[name].is_floating_point() and given.shape == own[name].shape and not torch.equal(given, own[name]):
+            raise CheckpointError(f"{source} has a damaged {name} (it differs from the index the architecture "
+                                  "defines); download the file again")
     parts = key_mismatches(own, entries)
     if parts:
         other = guess_kind(entries)

@@ -163,6 +163,21 @@ def test_derived_buffers_may_be_absent_or_present(tmp_path, standin_state):
     shutil.rmtree(tmp_path)
 
 
+def test_integer_derived_buffers_must_be_the_architectures(tmp_path, standin_state):
+    from imtalker_core import IMTRenderer
+    from imtalker_core.config import RendererConfig
+
+    key = "frame_decoder.transformer_blocks.4.blocks.1.attn.relative_position_index"
+    index = IMTRenderer(RendererConfig()).state_dict()[key].clone()
+    state = dict(standin_state["renderer"], **{key: index})
+    assert same_weights(load_renderer(write_official_layout("renderer", tmp_path / "ok.ckpt", state=state)),
+                        standin_state["renderer"])
+    index[0, 0] = 10 ** 6
+    path = write_official_layout("renderer", tmp_path / "renderer.ckpt", state=dict(state, **{key: index}))
+    with pytest.raises(CheckpointError, match=f"damaged {key}.*download the file again"):
+        load_renderer(path)
+
+
 def test_safetensors_records_its_configuration(tmp_path):
     """A small model saved with `config_metadata` loads without naming its config; a damaged record is
     reported, not replaced by the official config."""

@@ -41,6 +41,21 @@ HEAD_GROUP_CASES = [("fp16-width-4-masked-strided", 1), ("fp16-width-4-masked-st
                     ("fp32-nine-tokens-masked", 1)]
 
 
+# Cases run with the bias gathered from a table `[T, heads]` through an index `[n, n]` in the kernel.
+TABLE_CASES = ["fp32-width-4-masked", "fp16-width-4-masked-strided", "fp32-nine-tokens-masked"]
+
+
+def table_inputs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded table `[T, heads]` (float32) and int64 index `[n, n]` for a case; T = 2n - 1, and a few
+    entries of the index fall outside the table (the kernel clamps them into it)."""
+    n, heads = CASES[name][2], CASES[name][3]
+    g = torch.Generator().manual_seed(len(name))
+    table = torch.randn(2 * n - 1, heads, generator=g)
+    index = torch.randint(0, 2 * n - 1, (n, n), generator=g)
+    index[0, :3] = torch.tensor([-5, 2 * n - 1, 10 ** 6])
+    return table, index
+
+
 def case_inputs(name: str):
     """Seeded q, k, v `[B·nW, n, C]`, bias `[heads, n, n]` and mask `[nW, n, n]` or None of a case."""
     windows, images, n, heads, width, masked, dtype, strided = CASES[name]
@@ -90,6 +105,11 @@ def _interpreter_worker(out_path: str) -> None:
     for name, case in CASES.items():
         q, k, v, bias, mask = case_inputs(name)
         results[f"direct/{name}"] = K.window_attention_triton(q, k, v, case[3], case[4] ** -0.5, bias, mask)
+    for name in TABLE_CASES:
+        q, k, v, _, mask = case_inputs(name)
+        table, index = table_inputs(name)
+        results[f"table/{name}"] = K.window_attention_triton(q, k, v, CASES[name][3], CASES[name][4] ** -0.5,
+                                                              table, mask, bias_index=index)
     for name, group in HEAD_GROUP_CASES:
         q, k, v, bias, mask = case_inputs(name)
         results[f"group/{name}/{group}"] = K.window_attention_triton(q, k, v, CASES[name][3], CASES[name][4] ** -0.5,
@@ -97,9 +117,11 @@ def _interpreter_worker(out_path: str) -> None:
     calls = count_calls(K, "window_attention_triton")
     A.WINDOW_KERNEL_DEVICE_TYPES = ("cpu",)
     x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(5))
-    for shift, block in swin_blocks().items():
-        with torch.no_grad(), A.window_kernel("triton"):
-            record_counted(results, f"block/{shift}", calls, block, x)
+    for from_table in (True, False):
+        A.WINDOW_BIAS_FROM_TABLE = from_table
+        for shift, block in swin_blocks().items():
+            with torch.no_grad(), A.window_kernel("triton"):
+                record_counted(results, f"block/{shift}/{'table' if from_table else 'bias'}", calls, block, x)
     torch.save(results, out_path)
 
 
@@ -132,14 +154,31 @@ def test_heads_per_program_is_checked():
             K.window_attention_triton(q, q, q, 8, 0.5, torch.zeros(8, 64, 64), None, heads_per_program=group)
 
 
+@pytest.mark.parametrize("name", TABLE_CASES)
+def test_bias_gathered_in_the_kernel(interpreted, name):
+    q, k, v, _, mask = case_inputs(name)
+    table, index = table_inputs(name)
+    heads, width, dtype = CASES[name][3], CASES[name][4], CASES[name][6]
+    bias = table[index.clamp(0, table.shape[0] - 1)].permute(2, 0, 1)  # [heads, n, n]
+    expected = explicit(q, k, v, heads, width ** -0.5, bias, mask)
+    got = interpreted[f"table/{name}"]
+    assert (got.double() - expected).abs().max().item() <= TOLERANCE[dtype] * expected.abs().max().item()
+    # The clamped entries matter: with a zero bias there the values differ.
+    assert (explicit(q, k, v, heads, width ** -0.5, bias * (index >= 0) * (index < table.shape[0]), mask)
+            - expected).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("bias_from", ["table", "bias"])
 @pytest.mark.parametrize("shift", [0, 4])
-def test_swin_blocks_through_the_kernel(interpreted, shift):
+def test_swin_blocks_through_the_kernel(interpreted, shift, bias_from):
+    """A SwinBlock in "triton" mode (one kernel call), the bias gathered by the kernel from the table
+    (`attention.WINDOW_BIAS_FROM_TABLE`, the default) or read gathered: the CPU torch route's output."""
     block = swin_blocks()[shift]
     x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = block(x)  # the CPU's torch route
-    assert int(interpreted[f"block/{shift}/calls"]) == 1
-    torch.testing.assert_close(interpreted[f"block/{shift}"], expected, rtol=0, atol=2e-5)
+    assert int(interpreted[f"block/{shift}/{bias_from}/calls"]) == 1
+    torch.testing.assert_close(interpreted[f"block/{shift}/{bias_from}"], expected, rtol=0, atol=2e-5)
 
 
 # --------------------------------------------------------------------------- the dispatch
@@ -149,7 +188,7 @@ def fake_kernel(monkeypatch):
     """CPU tensors allowed and a stand-in kernel (output all 7 before the projection) that records its calls."""
     calls = []
 
-    def stand_in(q, k, v, heads, scale, bias, mask):
+    def stand_in(q, k, v, heads, scale, bias, mask, heads_per_program=None, bias_index=None):
         calls.append(q.dtype)
         return torch.full_like(q, 7.0)
 

@@ -98,6 +98,10 @@ _ARGMAX_KERNEL = "auto"
 # attention (`attend`: SDPA, whose exponentials at 64² with head width 16 cost about as much again).
 # A switch for A/B runs (benchmarks/anchor_kernel_speed.py, profile_renderer.py --anchor-values).
 ANCHOR_VALUES_IN_KERNEL = True
+# The window kernel gathers the relative-position bias from its table through the index (a few KB every
+# program shares) instead of reading the gathered bias (16 KB a head); the same float32 values. A switch for
+# A/B runs (benchmarks/window_kernel_speed.py, profile_renderer.py --window-bias).
+WINDOW_BIAS_FROM_TABLE = True
 
 WINDOW_KERNEL_MODES = ("auto", "triton", "torch")
 # Device types whose tensors may go to the window kernel (tests widen it to "cpu" under the interpreter).
@@ -614,9 +618,11 @@ class WindowAttention(ParameterCaches):
         # state dict is unchanged. The key changes whenever the table or the mask is replaced,
         # moved, cast or modified in place (load_state_dict), so a stale bias is never used.
         self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+        self._kernel_table_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def drop_caches(self) -> None:
         self._bias_cache = None
+        self._kernel_table_cache = None
 
     def _bias(self) -> torch.Tensor:
         """The gathered relative-position bias `[1, heads, n, n]`."""
@@ -640,6 +646,17 @@ class WindowAttention(ParameterCaches):
         if self._bias_cache is None or self._bias_cache[0] != key:
             self._bias_cache = (key, self._build_bias(mask, dtype))
         return self._bias_cache[1]
+
+    def kernel_bias_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window kernel's bias inputs: the table `[(2w-1)², heads]` in float32 and the index `[n, n]` in
+        int32, both contiguous; cached like `attention_bias` (rebuilt under autograd and while compiling)."""
+        table, index = self.relative_position_bias_table, self.relative_position_index
+        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
+            return table.float().contiguous(), index.to(torch.int32).contiguous()
+        key = ("kernel table", tensor_key(table), tensor_key(index))
+        if self._kernel_table_cache is None or self._kernel_table_cache[0] != key:
+            self._kernel_table_cache = (key, table.float().contiguous(), index.to(torch.int32).contiguous())
+        return self._kernel_table_cache[1], self._kernel_table_cache[2]
 
     def _build_bias(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         bias = self._bias().to(dtype)
@@ -677,11 +694,15 @@ class WindowAttention(ParameterCaches):
         if not _use_kernel("window attention", _WINDOW_KERNEL, q, WINDOW_KERNEL_DEVICE_TYPES, kernel,
                            q, k, v, heads, mask):
             return None
-        bias = self.attention_bias(None, torch.float32)[0]  # [heads, n, n], cached
+        if WINDOW_BIAS_FROM_TABLE:
+            bias, index = self.kernel_bias_table()
+        else:
+            bias, index = self.attention_bias(None, torch.float32)[0], None  # [heads, n, n], cached
         compiling = torch.compiler.is_compiling()
         launch = torch.ops.imtalker.window_attention if compiling else kernel.window_attention_triton
         out = _call_kernel("window attention", _WINDOW_KERNEL,
-                           lambda: launch(self.q(q), self.k(k), self.v(v), heads, self.scale, bias, mask))
+                           lambda: launch(self.q(q), self.k(k), self.v(v), heads, self.scale, bias, mask, None,
+                                          index))
         return None if out is None else self.proj(out)
 
     def _forward_chunked(self, q, k, v, mask, chunk_bytes: int | None = None):

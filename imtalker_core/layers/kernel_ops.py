@@ -42,11 +42,13 @@ def _anchor_attention_fake(q, k, v, scale):
 
 @torch.library.custom_op("imtalker::window_attention", mutates_args=())
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-                     bias: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+                     bias: torch.Tensor, mask: Optional[torch.Tensor], heads_per_program: Optional[int] = None,
+                     bias_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`window_attention_triton.window_attention_triton(...)`: `[B·nW, n, C]` in q's dtype."""
-    return window_attention_triton.window_attention_triton(q, k, v, heads, scale, bias, mask)
+    return window_attention_triton.window_attention_triton(q, k, v, heads, scale, bias, mask, heads_per_program,
+                                                           bias_index)
 
 
 @window_attention.register_fake
-def _window_attention_fake(q, k, v, heads, scale, bias, mask):
+def _window_attention_fake(q, k, v, heads, scale, bias, mask, heads_per_program=None, bias_index=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

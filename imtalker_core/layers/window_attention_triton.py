@@ -45,14 +45,15 @@ __all__ = ["available", "unavailable_reason", "unsupported_reason", "window_atte
 if triton is not None:
     @triton.jit
     def _window_attention_kernel(
-            q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr,
+            q_ptr, k_ptr, v_ptr, bias_ptr, index_ptr, mask_ptr, out_ptr,
             stride_qw, stride_qn, stride_qc, stride_kw, stride_kn, stride_kc,
             stride_vw, stride_vn, stride_vc, stride_ow, stride_on, stride_oc,
-            n_tokens, head_dim, windows_per_image, heads_per_program, scale,
-            HAS_MASK: tl.constexpr, IEEE: tl.constexpr, BF16: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr):
+            n_tokens, head_dim, n_heads, table_rows, windows_per_image, heads_per_program, scale,
+            HAS_MASK: tl.constexpr, BIAS_TABLE: tl.constexpr, IEEE: tl.constexpr, BF16: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """One program per (window, group of `heads_per_program` heads): those heads' attended values
-        `[n, d]` of one window, one head after another."""
+        `[n, d]` of one window, one head after another. BIAS_TABLE: `bias_ptr` is the table `[T, heads]`
+        and `index_ptr` the `[n, n]` int32 index into it; else `bias_ptr` is the bias `[heads, n, n]`."""
         window = tl.program_id(0).to(tl.int64)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -66,6 +67,10 @@ if triton is not None:
         if HAS_MASK:
             place = window % windows_per_image
             extra += tl.load(mask_ptr + place * n_tokens * n_tokens + pair, mask=pair_ok, other=0.0)
+        if BIAS_TABLE:  # the same for every head and window: a few KB that stay in the L1 cache
+            index = tl.load(index_ptr + pair, mask=pair_ok, other=0)
+            # Never outside the table, whatever the index holds (the loader checks it; this keeps reads safe).
+            index = tl.minimum(tl.maximum(index, 0), table_rows - 1)
         for i in range(0, heads_per_program):
             head = tl.program_id(1) * heads_per_program + i
             channels = head * head_dim + offs_d
@@ -84,8 +89,11 @@ if triton is not None:
             else:
                 logits = tl.dot(q, kt)
             logits = logits * scale
-            # The bias, then the mask, in the explicit route's order.
-            logits = (logits + tl.load(bias_ptr + head * n_tokens * n_tokens + pair, mask=pair_ok, other=0.0)) + extra
+            if BIAS_TABLE:
+                bias = tl.load(bias_ptr + index * n_heads + head, mask=pair_ok, other=0.0)
+            else:
+                bias = tl.load(bias_ptr + head * n_tokens * n_tokens + pair, mask=pair_ok, other=0.0)
+            logits = (logits + bias) + extra  # the bias, then the mask, in the explicit route's order
             weights = tl.exp(logits - tl.max(logits, axis=1)[:, None])
             probs = weights / tl.sum(weights, axis=1)[:, None]
             if IEEE:
@@ -123,15 +131,19 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
 
 def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
                             bias: torch.Tensor, mask: torch.Tensor | None = None,
-                            heads_per_program: int | None = None) -> torch.Tensor:
+                            heads_per_program: int | None = None, bias_index: torch.Tensor | None = None
+                            ) -> torch.Tensor:
     """Windowed attention of projected windows (see the module docstring).
 
     q, k, v: `[B·nW, n, C]` (windows image-major, heads major in the channels: `C = heads·d`), one dtype
     of float32 / float16 / bfloat16, any strides; bias `[heads, n, n]` (the gathered relative-position
     bias); mask `[nW, n, n]` additive (the shifted blocks' region mask) or None; both read in float32.
-    `heads_per_program` (a divisor of `heads`; default `HEADS_PER_PROGRAM`, None: all) is a launch option
-    for tests and benchmarks. Returns `[B·nW, n, C]` in q's dtype, heads major in the channels (ready for
-    the output projection).
+    With `bias_index` (`[n, n]` integers in `0..T-1`; others are clamped into the table) `bias` is instead
+    the relative-position table `[T, heads]` and the kernel gathers `bias[h, i, j] = table[index[i, j], h]`
+    itself (the same float32 values), reading a few KB that every program shares instead of 16 KB a head.
+    `heads_per_program` (a divisor of `heads`; default `HEADS_PER_PROGRAM`, None: all) is a launch option for
+    tests and benchmarks. Returns `[B·nW, n, C]` in q's dtype, heads major in the channels (ready for the
+    output projection).
 
     Raises RuntimeError when triton cannot run here and ValueError for inputs it does not take.
     """
@@ -146,16 +158,25 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
     if reason is not None:
         raise ValueError(f"the Triton window attention does not take these inputs: {reason}")
     windows, n, channels = q.shape
-    bias = bias.to(device=q.device, dtype=torch.float32).reshape(heads, n, n).contiguous()
+    if bias_index is None:
+        bias = bias.to(device=q.device, dtype=torch.float32).reshape(heads, n, n).contiguous()
+        index = bias  # unread
+    else:
+        if bias_index.shape != (n, n) or bias.dim() != 2 or bias.shape[1] != heads:
+            raise ValueError(f"bias table {tuple(bias.shape)} and index {tuple(bias_index.shape)}: "
+                             f"expected [T, {heads}] and [{n}, {n}]")
+        bias = bias.to(device=q.device, dtype=torch.float32).contiguous()
+        index = bias_index.to(device=q.device, dtype=torch.int32).contiguous()
     if mask is not None:
         mask = mask.to(device=q.device, dtype=torch.float32).contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    meta = dict(HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32, BF16=q.dtype == torch.bfloat16,
-                BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_D=max(16, triton.next_power_of_2(channels // heads)),
-                num_warps=NUM_WARPS)
+    meta = dict(HAS_MASK=mask is not None, BIAS_TABLE=bias_index is not None, IEEE=q.dtype == torch.float32,
+                BF16=q.dtype == torch.bfloat16, BLOCK_N=max(16, triton.next_power_of_2(n)),
+                BLOCK_D=max(16, triton.next_power_of_2(channels // heads)), num_warps=NUM_WARPS)
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _window_attention_kernel[(windows, heads // group)](
-            q, k, v, bias, bias if mask is None else mask, out, *strides,
-            n, channels // heads, mask.shape[0] if mask is not None else 1, group, float(scale), **meta)
+            q, k, v, bias, index, bias if mask is None else mask, out, *strides,
+            n, channels // heads, heads, bias.shape[0], mask.shape[0] if mask is not None else 1, group,
+            float(scale), **meta)
     return out
