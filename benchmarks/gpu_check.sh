@@ -17,7 +17,7 @@
 # with each set of the synthesis network's Triton kernels; the motion encoder's layouts and the decoder's two
 # modulated-conv forms; the Triton window-attention kernel forced; the torch argmax; parity; torch.compile
 # "reduce-overhead" alone; the clip eager and compiled. Each step has its own time limit so that one hang costs
-# only itself; the default steps take about 8 minutes on an H200.
+# only itself; the default steps take about 8.5 minutes on an H200.
 # benchmarks/results/ holds the results of earlier runs, one folder per run.
 set -uo pipefail
 out="${OUT:-gpu_results}"
@@ -27,9 +27,11 @@ all_steps=(cuda_tests anchor_kernel window_kernel speed_kernel speed_clip stream
            speed_compiled speed_compiled_large clip_compiled profile profile_compiled reference stream_compiled
            speed_window_kernel profile_compiled_torch_window profile_compiled_conv_blur
            profile_compiled_sdpa_values)
-# The goals' checks: correctness, the two attention kernels' launch A/Bs, the eager table, batch 1 / 32 / 64
-# compiled and the 10 s clip (~8 minutes on an H200; the profiles and other A/B steps find the next lever).
-default_steps=(cuda_tests anchor_kernel window_kernel speed_kernel speed_compiled speed_compiled_large clip_compiled)
+# The goals' checks: correctness, the two attention kernels' launch A/Bs, the eager table, streaming, batch 1 /
+# 32 / 64 compiled and the 10 s clip (~8.5 minutes on an H200; the profiles and other A/B steps find the next
+# lever). benchmarks/goals_report.py then scores every goal from the JSON (goals.txt).
+default_steps=(cuda_tests anchor_kernel window_kernel speed_kernel stream speed_compiled speed_compiled_large
+               clip_compiled)
 steps=("${@:-${default_steps[@]}}")
 for name in "${steps[@]}"; do
     [[ " ${all_steps[*]} " == *" $name "* ]] || { echo "unknown step $name; steps: ${all_steps[*]}"; exit 2; }
@@ -106,5 +108,6 @@ step reference 120 "$py" benchmarks/speed.py --device cuda --dtypes fp32 fp16 --
     --paths fast --sections renderer reference --reference "${REFERENCE_DIR:-REFERENCE_DIR-not-set}" \
     --json "$out/reference.json"
 cat "$out/summary.txt"
+"$py" benchmarks/goals_report.py "$out" --json "$out/goals.json" | tee "$out/goals.txt"
 archive="$(mktemp)"  # outside $out: an archive written into the folder it reads changes under tar
 tar -czf "$archive" -C "$out" --exclude results.tar.gz . && mv "$archive" "$out/results.tar.gz"
