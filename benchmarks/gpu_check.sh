@@ -59,8 +59,8 @@ step anchor_kernel 90 "$py" benchmarks/anchor_kernel_speed.py --batch-sizes 32 -
     --block-n 64 128 --warps 4 8
 # The window attention kernel's programs (one per window, the default, or per window and head) and its bias (gathered
 # in the kernel from the table, the default, or read gathered), at both window levels.
-step window_kernel 60 "$py" benchmarks/window_kernel_speed.py --batch-sizes 8 32 --dtypes fp16 bf16 \
-    --variants 8/table 8/bias 1/bias 2/table
+step window_kernel 90 "$py" benchmarks/window_kernel_speed.py --batch-sizes 1 8 32 --dtypes fp16 bf16 \
+    --variants auto/table 8/table 8/bias 1/bias 2/table
 step profile 60 "$py" benchmarks/profile_renderer.py --device cuda --dtype fp16 --batch-size 32 --batches 4 \
     --json "$out/profile.json"
 # "default", not "reduce-overhead": the profiler may see a CUDA graph's replay as one launch, not its kernels.

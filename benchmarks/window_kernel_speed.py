@@ -1,7 +1,7 @@
 """The shifted-window attention kernel's launch options (issue 11), at the official window levels.
 
-    python benchmarks/window_kernel_speed.py [--batch-sizes 8 32] [--dtypes fp16 bf16] [--repeats 5]
-                                             [--variants 8/table 8/bias 1/bias 2/table]
+    python benchmarks/window_kernel_speed.py [--batch-sizes 1 8 32] [--dtypes fp16 bf16] [--repeats 5]
+                                             [--variants auto/table 8/table 8/bias 1/bias]
 
 Projected queries, keys and values `[B·nW, 64, C]` (random normal values; the speed does not depend on
 them) and a random relative-position table `[225, 8]` with the Swin index `[64, 64]` into it (or the bias
@@ -9,8 +9,9 @@ gathered from them, `[8, 64, 64]`), as `attention.WindowAttention` hands them to
 `window_attention_triton` at the synthesis network's two window levels: 256² (32 channels in 8 heads of
 width 4, 1,024 windows an image) and 128² (64 channels, width 8, 256 windows), each plain and shifted (the
 region mask `attention.shifted_window_mask`). Variants "H/table" or "H/bias": one program per window and
-group of H heads (8: one per window, the default; 1: one per window and head, the first form), the kernel
-gathering the bias from the table through the index (`bias_index`, the default) or reading it gathered.
+group of H heads ("auto": the default, all 8 from a few frames on; 1: one per window and head, the first
+form), the kernel gathering the bias from the table through the index (`bias_index`, the default) or
+reading it gathered.
 They take turns within every repeat after one warm-up call each (which compiles the kernel).
 
 The table gives the median and fastest ms per frame, and the largest difference from the first variant's
@@ -41,10 +42,10 @@ LEVELS = {256: 32, 128: 64}  # resolution → channels
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(DTYPES))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--variants", nargs="+", default=["8/table", "8/bias", "1/bias", "2/table"],
+    ap.add_argument("--variants", nargs="+", default=["auto/table", "8/table", "8/bias", "1/bias"],
                     help="heads per program / table or bias; the first is the baseline of the difference column")
     ap.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), choices=list(LEVELS))
     args = ap.parse_args()
@@ -73,9 +74,10 @@ def main() -> int:
 
         def run(variant: str) -> torch.Tensor:
             group, form = variant.split("/")
+            group = None if group == "auto" else int(group)
             if form == "table":
-                return kernel.window_attention_triton(q, k, v, HEADS, scale, table, mask, int(group), index)
-            return kernel.window_attention_triton(q, k, v, HEADS, scale, bias, mask, int(group))
+                return kernel.window_attention_triton(q, k, v, HEADS, scale, table, mask, group, index)
+            return kernel.window_attention_triton(q, k, v, HEADS, scale, bias, mask, group)
 
         outputs = {variant: run(variant) for variant in args.variants}  # warm-up (compiles)
         times = {variant: [] for variant in args.variants}

@@ -147,6 +147,20 @@ def test_heads_per_program_changes_nothing(interpreted, name, group):
     assert torch.equal(interpreted[f"group/{name}/{group}"], interpreted[f"direct/{name}"])
 
 
+def test_heads_per_program_fills_the_gpu(monkeypatch):
+    """All of a window's heads in one program once there are windows enough for 8 programs per
+    multiprocessor (132 on an H100); fewer at batch 1 (1,024 windows at 256², 256 at 128²)."""
+    h100 = type("Properties", (), {"multi_processor_count": 132})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h100)
+    cuda = torch.device("cuda")
+    assert K._heads_per_program(cuda, 32 * 1024, 8) == 8
+    assert K._heads_per_program(cuda, 2 * 1024, 8) == 8
+    assert K._heads_per_program(cuda, 1024, 8) == 4
+    assert K._heads_per_program(cuda, 256, 8) == 1
+    assert K._heads_per_program(cuda, 10, 8) == 1
+    assert K._heads_per_program(torch.device("cpu"), 10, 8) == 8  # the interpreter: all
+
+
 def test_heads_per_program_is_checked():
     q = torch.randn(4, 64, 32)
     for group in (0, 3, 16):

@@ -3,7 +3,7 @@
 Same map as `attention.WindowAttention._forward_explicit` for projected queries, keys and values:
 per window and head, `softmax(q·kᵀ·scale + bias + mask) · v`, with the learned relative-position
 bias `[heads, n, n]` and, for shifted blocks, the region mask `[nW, n, n]` of the window's place in
-its image. One program per window (by default; `heads_per_program`) keeps each head's `n × n` logits
+its image. One program per window (from a few frames on; `heads_per_program`) keeps each head's `n × n` logits
 (64 × 64 at the official window of 8) in registers in turn: the explicit route writes and reads that map
 four times (product, bias, softmax, values) — 67 MB a frame per block at the 256² level in fp16, where a
 head is only 4 channels wide, against 16 MB of queries, keys, values and output. The window's mask
@@ -35,9 +35,12 @@ from .anchor_argmax_triton import MAX_GRID_Y, SUPPORTED_DTYPES, available, tl, t
 MAX_TOKENS = 64
 MAX_HEAD_DIM = 64
 NUM_WARPS = 4
-# Heads per program: None → all of a window's heads (its mask read once); 1 → the first form, one program per
-# (window, head), kept for A/B runs (benchmarks/layout_speed.py --window-heads-per-program).
+# Heads per program: None → as many of a window's heads as keep `PROGRAMS_PER_PROCESSOR` programs for every
+# multiprocessor (all of them from a few frames on: the mask read once per window; fewer at batch 1, where
+# 1,024 or 256 windows alone would leave the GPU half idle); a number forces it (1: the first form, one
+# program per window and head), for A/B runs (benchmarks/window_kernel_speed.py).
 HEADS_PER_PROGRAM = None
+PROGRAMS_PER_PROCESSOR = 8
 
 __all__ = ["available", "unavailable_reason", "unsupported_reason", "window_attention_triton"]
 
@@ -129,6 +132,18 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     return None
 
 
+def _heads_per_program(device: torch.device, windows: int, heads: int) -> int:
+    """The largest divisor of `heads` that still gives every multiprocessor `PROGRAMS_PER_PROCESSOR`
+    programs (1 if none does); all heads off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return heads
+    wanted = PROGRAMS_PER_PROCESSOR * torch.cuda.get_device_properties(device).multi_processor_count
+    for group in sorted((g for g in range(1, heads + 1) if heads % g == 0), reverse=True):
+        if windows * (heads // group) >= wanted:
+            return group
+    return 1
+
+
 def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
                             bias: torch.Tensor, mask: torch.Tensor | None = None,
                             heads_per_program: int | None = None, bias_index: torch.Tensor | None = None
@@ -141,14 +156,14 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
     With `bias_index` (`[n, n]` integers in `0..T-1`; others are clamped into the table) `bias` is instead
     the relative-position table `[T, heads]` and the kernel gathers `bias[h, i, j] = table[index[i, j], h]`
     itself (the same float32 values), reading a few KB that every program shares instead of 16 KB a head.
-    `heads_per_program` (a divisor of `heads`; default `HEADS_PER_PROGRAM`, None: all) is a launch option for
-    tests and benchmarks. Returns `[B·nW, n, C]` in q's dtype, heads major in the channels (ready for the
+    `heads_per_program` (a divisor of `heads`; default `HEADS_PER_PROGRAM`, None: see there) is a launch option
+    for tests and benchmarks. Returns `[B·nW, n, C]` in q's dtype, heads major in the channels (ready for the
     output projection).
 
     Raises RuntimeError when triton cannot run here and ValueError for inputs it does not take.
     """
     group = heads_per_program if heads_per_program is not None else HEADS_PER_PROGRAM
-    group = heads if group is None else group
+    group = _heads_per_program(q.device, q.shape[0], heads) if group is None else group
     if group < 1 or heads % group:
         raise ValueError(f"heads_per_program={group}: use a divisor of the {heads} heads")
     reason = unavailable_reason(q.device)
