@@ -302,9 +302,8 @@ def anchor_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     v: `[B or 1, H, Nk, dv]` beside k, half precision where q is (or float32 where q is). The weights are
     float32, rounded to fp16 for the product with v on tensor cores (half inputs; IEEE float32 products of
     unrounded weights where `tensor_cores` is False or for float32), summed in float32 and divided by the
-    normaliser. Returns
-    (picks `[B, Nq]` int64, values `[B, H, Nq, dv]` contiguous in v's dtype). Launch options and errors
-    as in `head_mean_argmax_triton`.
+    normaliser. Returns (picks `[B, Nq]` int64, values `[B, H, Nq, dv]` contiguous in v's dtype). Launch
+    options and errors as in `head_mean_argmax_triton`.
     """
     picks, values = _launch(q, k, v, scale, block_m, block_n, num_warps, tensor_cores)
     return picks, values

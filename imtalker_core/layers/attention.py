@@ -302,9 +302,11 @@ def _check_window_op(device: torch.device, dtype: torch.dtype) -> None:
         attn.relative_position_bias_table.copy_(torch.randn(attn.relative_position_bias_table.shape, generator=g))
         q, k, v = (torch.randn(8, 16, 32, generator=g).to(device, dtype) for _ in range(3))
         mask = shifted_window_mask(8, 4, 2).to(device)
+        # The bias in the form compiled code will pass (WINDOW_BIAS_FROM_TABLE).
+        bias, index = (attn.kernel_bias_table() if WINDOW_BIAS_FROM_TABLE
+                       else (attn.attention_bias(None, torch.float32)[0], None))
         out = attn.proj(torch.ops.imtalker.window_attention(attn.q(q), attn.k(k), attn.v(v), attn.num_heads,
-                                                            attn.scale, attn.attention_bias(None, torch.float32)[0],
-                                                            mask))
+                                                            attn.scale, bias, mask, None, index))
         expected = attn._forward_explicit(q, k, v, mask)
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     if not torch.allclose(out.float(), expected.float(), atol=tolerance, rtol=tolerance):
