@@ -1,8 +1,9 @@
-"""Issue 11's GPU goals against one results folder of `benchmarks/gpu_check.sh` (its JSON files).
+"""Issue 11's GPU goals against the results folders of `benchmarks/gpu_check.sh` (their JSON files).
 
-    python benchmarks/goals_report.py gpu_results [--json goals.json]
+    python benchmarks/goals_report.py gpu_results [more folders] [--json goals.json]
 
-Reads every `*.json` in the folder (the files `speed.py` and `stream_latency.py` write, under any name) and
+Reads every `*.json` in the folders (the files `speed.py` and `stream_latency.py` write, under any name;
+several folders when the steps ran in several calls) and
 prints one markdown row per goal: the target, the best measured value and the file it came from, and the
 verdict — "met", "not met", or "not measured" when no file holds it. The goals name an H100: the last line
 says which GPU the files were measured on, and whether every goal was met there.
@@ -14,7 +15,7 @@ says which GPU the files were measured on, and whether every goal was met there.
 - fp16 ≥ 50 dB and bf16 ≥ 40 dB PSNR against fp32 on the parity inputs;
 - streaming: time to the first frame ≤ 150 ms, and the cold start (model files to models on the GPU) ≤ 3 s.
 
-Exit status 0 either way (a report, not a test); 2 when the folder holds no JSON.
+Exit status 0 either way (a report, not a test); 2 when the folders hold no JSON.
 """
 from __future__ import annotations
 
@@ -50,11 +51,11 @@ GOALS = (
 VS_FP32 = re.compile(r"vs our fp32: ([0-9.]+) dB")
 
 
-def measurements(folder: Path) -> tuple[dict[str, list[tuple[float, str]]], set[str]]:
-    """Goal name → [(value, file name)] from every JSON file in `folder`, and the GPUs they name."""
+def measurements(*folders: Path) -> tuple[dict[str, list[tuple[float, str]]], set[str]]:
+    """Goal name → [(value, file name)] from every JSON file in `folders`, and the GPUs they name."""
     found: dict[str, list[tuple[float, str]]] = {goal.name: [] for goal in GOALS}
     gpus: set[str] = set()
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(path for folder in folders for path in folder.glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -111,13 +112,13 @@ def verdicts(found: dict[str, list[tuple[float, str]]]) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("folder", type=Path, help="a results folder of benchmarks/gpu_check.sh")
+    ap.add_argument("folders", type=Path, nargs="+", help="results folders of benchmarks/gpu_check.sh")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
-    if not any(args.folder.glob("*.json")):
-        print(f"no JSON files in {args.folder}")  # noqa: T201
+    if not any(path for folder in args.folders for path in folder.glob("*.json")):
+        print(f"no JSON files in {', '.join(map(str, args.folders))}")  # noqa: T201
         return 2
-    found, gpus = measurements(args.folder)
+    found, gpus = measurements(*args.folders)
     rows = verdicts(found)
     print("| goal | target | measured | file | verdict |\n| --- | --- | --- | --- | --- |")  # noqa: T201
     for row in rows:

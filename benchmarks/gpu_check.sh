@@ -3,7 +3,12 @@
 # ${OUT:-gpu_results}/: the logs and JSON of each step, and all of them in one results.tar.gz.
 #
 #   bash benchmarks/gpu_check.sh              # the default steps, from the repository root
-#   bash benchmarks/gpu_check.sh clip stream  # only these steps (names below)
+#   bash benchmarks/gpu_check.sh speed_clip stream  # only these steps (names below)
+#
+# A lent machine allows 10 minutes a command: run the default steps as two calls, each into its own $OUT,
+#   bash benchmarks/gpu_check.sh cuda_tests anchor_kernel window_kernel speed_kernel stream
+#   bash benchmarks/gpu_check.sh speed_compiled speed_compiled_large clip_compiled
+# and score them together: python benchmarks/goals_report.py FOLDER1 FOLDER2.
 #
 # Needs torch with CUDA, triton, transformers, safetensors, einops and pytest, not PyAV/OpenCV/soundfile/soxr:
 # none of the steps reads or writes media, so the lent GPU machines' stock image runs it as it is.

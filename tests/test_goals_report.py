@@ -91,6 +91,24 @@ def test_rules_on_a_made_up_folder(report, tmp_path, capsys):
     assert "not every goal met (the goals name an H100)" in out and "NVIDIA H100 80GB HBM3, NVIDIA H200" in out
 
 
+def test_several_folders_are_one_run(report, tmp_path, capsys):
+    """Steps run in two calls (each with its own results folder) are scored together."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    gpu = {"gpu": "NVIDIA H100 80GB HBM3"}
+    _write(first, "speed_kernel.json", {"environment": gpu, "rows": [
+        dict(section="renderer", precision="fp16", path="fast", batch=32, fps=700.0, peak_gib=2.9)]})
+    _write(second, "speed_compiled_large.json", {"environment": gpu, "rows": [
+        dict(section="renderer", precision="fp16", path="compiled", batch=64, fps=1100.0)]})
+    found, gpus = report.measurements(first, second)
+    goals = {row["goal"]: row for row in report.verdicts(found)}
+    assert goals["renderer fp16, best batch"]["value"] == 1100.0
+    assert goals["peak GPU memory, fp16 batch 32"]["verdict"] == "met" and gpus == {"NVIDIA H100 80GB HBM3"}
+    assert report.main([str(first), str(second)]) == 0
+    assert "not every goal met." in capsys.readouterr().out  # the clip and others: not measured
+
+
 def test_a_folder_without_json(report, tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     assert "no JSON files" in capsys.readouterr().out
