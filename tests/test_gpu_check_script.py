@@ -1,7 +1,8 @@
 """benchmarks/gpu_check.sh, checked without a GPU: a typo there costs a whole lent GPU session.
 
 - every step it defines is listed in `all_steps` and the reverse, and every default step exists;
-- every benchmark script a step runs exists, and every `--option` a step passes is one that script defines.
+- every benchmark script a step runs exists, and every `--option` a step passes is one that script defines;
+- the usage examples in its header name real steps, and its two-call split is the default steps.
 """
 from __future__ import annotations
 
@@ -50,3 +51,16 @@ def test_every_option_exists_in_its_script():
             assert f'"{option}"' in source, f"step {name}: {scripts[0]} defines no {option}"
             checked += 1
     assert checked > 30  # the parsing found the steps' options
+
+
+def test_the_usage_examples_name_real_steps():
+    text = SCRIPT.read_text()
+    all_steps = set(_array(text, "all_steps"))
+    examples = [line.split("gpu_check.sh", 1)[1].split("#")[0].split()
+                for line in text.splitlines() if line.startswith("#   bash benchmarks/gpu_check.sh")]
+    assert len(examples) >= 3
+    for names in examples:
+        assert set(names) <= all_steps, set(names) - all_steps
+    # The two-call split covers the default steps exactly.
+    split = [names for names in examples if len(names) > 2]
+    assert sorted(sum(split, [])) == sorted(_array(text, "default_steps"))
