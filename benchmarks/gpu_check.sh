@@ -20,9 +20,9 @@
 # anchor values from SDPA); the renderer per precision and batch size; the 10 s clip eager; the streaming
 # latency and cold start; the synthesis layouts on CUDA (channels-last, BatchNorm fold, up-sampling phases)
 # with each set of the synthesis network's Triton kernels; the motion encoder's layouts and the decoder's two
-# modulated-conv forms; the Triton window-attention kernel forced; the torch argmax; parity; torch.compile
-# "reduce-overhead" alone; the clip eager and compiled. Each step has its own time limit so that one hang costs
-# only itself; the default steps take about 8.5 minutes on an H200.
+# modulated-conv forms (motion_compiled: the encoder compiled); the Triton window-attention kernel forced; the
+# torch argmax; parity; torch.compile "reduce-overhead" alone; the clip eager and compiled. Each step has its
+# own time limit so that one hang costs only itself; the default steps take about 8.5 minutes on an H200.
 # benchmarks/results/ holds the results of earlier runs, one folder per run.
 set -uo pipefail
 out="${OUT:-gpu_results}"
@@ -31,7 +31,7 @@ py="${PYTHON:-python3}"
 all_steps=(cuda_tests anchor_kernel window_kernel speed_kernel speed_clip stream layout motion speed_torch_argmax parity parity_torch_argmax
            speed_compiled speed_compiled_large clip_compiled profile profile_compiled reference stream_compiled
            speed_window_kernel profile_compiled_torch_window profile_compiled_conv_blur
-           profile_compiled_sdpa_values)
+           profile_compiled_sdpa_values motion_compiled)
 # The goals' checks: correctness, the two attention kernels' launch A/Bs, the eager table, streaming, batch 1 /
 # 32 / 64 compiled and the 10 s clip (~8.5 minutes on an H200; the profiles and other A/B steps find the next
 # lever). benchmarks/goals_report.py then scores every goal from the JSON (goals.txt).
@@ -89,6 +89,9 @@ step stream 60 "$py" benchmarks/stream_latency.py --device cuda --batch-size 8 -
 step layout 120 "$py" benchmarks/layout_speed.py --device cuda --dtype fp16 --batch-sizes 1 32 --repeats 5 \
     --variants plain both --kernels none window layernorm window+layernorm
 step motion 60 "$py" benchmarks/motion_speed.py --device cuda --dtype fp16 --batch-sizes 1 8 32 64
+# The motion encoder (driving frames → latents) eager and as the compiled renderer runs it.
+step motion_compiled 200 "$py" benchmarks/motion_speed.py --device cuda --dtype fp16 --batch-sizes 8 32 \
+    --parts encoder_compiled
 # The Triton window-attention kernel (off by default until this says it pays), eager; its parity rows too.
 step speed_window_kernel 120 "$py" benchmarks/speed.py --device cuda --dtypes fp16 bf16 fp32 --batch-sizes 1 8 32 \
     --frames 64 --paths fast --window-kernel triton --sections renderer parity --json "$out/speed_window_kernel.json"

@@ -2,7 +2,8 @@
 of the modulated convolution.
 
     python benchmarks/motion_speed.py [--batch-sizes 1 2 8] [--repeats 5] [--threads 2]
-                                      [--device cpu] [--dtype fp32] [--parts encoder decoder decoder_compiled]
+                                      [--device cpu] [--dtype fp32]
+                                      [--parts encoder decoder decoder_compiled encoder_compiled]
 
 Builds the full-size renderer on deterministic stand-in weights (tests/helpers/standin.py; speed does
 not depend on the values), then
@@ -20,7 +21,9 @@ not depend on the values), then
 
 - decoder_compiled: the same decoder under `torch.compile` (inductor, mode "default"; the first call of
   each variant and batch size compiles) with its four blurs as depthwise convolutions (conv) or as sums
-  of shifted copies (shifts, `stylegan.BLUR_BY_SHIFTS_WHEN_COMPILING`, the default).
+  of shifted copies (shifts, `stylegan.BLUR_BY_SHIFTS_WHEN_COMPILING`, the default);
+- encoder_compiled: the motion encoder eager and as the compiled renderer runs it (`compiled.set_compile`
+  "default", `compiled.motion_step`; the first call of each batch size compiles).
 
 The variants take turns within every repeat; the tables give the median and fastest ms per frame after
 one warm-up call each, and the largest difference of the outputs relative to the largest value.
@@ -38,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from _timing import timed  # noqa: E402
+from imtalker_core import compiled  # noqa: E402
 from imtalker_core.layers import stylegan  # noqa: E402
 from imtalker_core.layers.attention import fast_paths  # noqa: E402
 from tests.helpers.standin import standin_renderer  # noqa: E402
@@ -46,7 +50,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMS = {"grouped": False, "batched": True}  # form → fast paths on
 LAYOUTS = {"nchw": False, "channels_last": True}  # MotionEncoder.channels_last
 BLURS = {"conv": False, "shifts": True}  # stylegan.BLUR_BY_SHIFTS_WHEN_COMPILING
-PARTS = {"encoder": LAYOUTS, "decoder": FORMS, "decoder_compiled": BLURS}
+COMPILED = {"eager": False, "compiled": True}  # the renderer's motion step
+PARTS = {"encoder": LAYOUTS, "decoder": FORMS, "decoder_compiled": BLURS, "encoder_compiled": COMPILED}
 
 
 def compare(variants: dict, run, batch: int, repeats: int, device: torch.device) -> str:
@@ -107,6 +112,14 @@ def main() -> int:
                 stylegan.BLUR_BY_SHIFTS_WHEN_COMPILING = True
         return run
 
+    def encode_compiled(images):
+        def run(compiling: bool):
+            step = compiled.motion_step(model) if compiling else compiled.eager_motion
+            return step(model, images).clone()  # out of a CUDA graph's memory, as the pipeline copies it
+        return run
+
+    if "encoder_compiled" in args.parts:
+        compiled.set_compile(model, "default")
     for part in args.parts:
         variants = PARTS[part]
         a, b = variants
@@ -114,9 +127,9 @@ def main() -> int:
               "| speed-up (min) | max rel. difference |\n| --- | --- | --- | --- | --- |")
         for batch in args.batch_sizes:
             g = torch.Generator().manual_seed(batch)
-            if part == "encoder":
-                run = encode(torch.rand(batch, 3, model.cfg.image_size, model.cfg.image_size, generator=g)
-                             .to(device, dtype))
+            if part in ("encoder", "encoder_compiled"):
+                images = torch.rand(batch, 3, model.cfg.image_size, model.cfg.image_size, generator=g).to(device, dtype)
+                run = encode(images) if part == "encoder" else encode_compiled(images)
             else:
                 latents = torch.randn(batch, model.cfg.latent_dim, generator=g).to(device, dtype)
                 run = decode(latents) if part == "decoder" else decode_compiled(latents)

@@ -1,4 +1,5 @@
-"""Optional `torch.compile` of the per-batch work: the renderer's frames step and the generator's velocity.
+"""Optional `torch.compile` of the per-batch work: the renderer's frames step and motion encoder, and the
+generator's velocity.
 
     set_compile(renderer, "default")        # compiled on its next use, once per batch size
     set_compile(generator, "reduce-overhead")
@@ -8,7 +9,9 @@ What is compiled, and why there:
 - the renderer: `frames_step` (motion latents → adapt → decode → transfer → synthesis), everything that
   runs per batch once `pipeline.prepare_render_source` has done the source-only work. One graph per
   batch size; `pipeline` pads a short last batch up to the run's batch size (its frames are dropped), so
-  a clip compiles once instead of once more for its remainder (`bucket_size`).
+  a clip compiles once instead of once more for its remainder (`bucket_size`). With it, the renderer's
+  motion encoder (`motion_step`: driving frames → motion latents, the video-driven route's other
+  per-frame cost: more multiply-adds than rendering a frame), likewise once per batch size.
 - the generator: `MotionGenerator.velocity`, the DiT call each Euler step makes (60 tokens of width 512:
   launch-bound on a GPU, where "reduce-overhead" replays it as a CUDA graph). Its shapes are fixed by the
   window, so it compiles once (twice with guidance off and on).
@@ -64,9 +67,10 @@ class _Compiled:
     """
 
     def __init__(self, compiled_fn: Callable, mode: str, backend: Any, name: str,
-                 prepare: Callable[[], None] | None = None):
+                 prepare: Callable[[], None] | None = None, motion: "_Compiled | None" = None):
         self.compiled_fn, self.mode, self.backend, self.name = compiled_fn, mode, backend, name
         self.prepare = prepare  # run eagerly before each compiling call
+        self.motion = motion  # a renderer's compiled motion encoder
         self.shapes: set[tuple] = set()
         self.fn = self._call  # one bound method, so that callers may compare it
 
@@ -108,9 +112,12 @@ def set_compile(model: nn.Module, mode: str = "default", backend: Any = "inducto
     current = _compiled.get(model)
     if current is not None and current.mode == mode and current.backend == backend:
         return
-    prepare = None
+    prepare = motion = None
+    options = {} if mode == "default" else {"mode": mode}
     if isinstance(model, IMTRenderer):
         target = eager_frames
+        motion = _Compiled(torch.compile(eager_motion, backend=backend, dynamic=False, fullgraph=True, **options),
+                           mode, backend, "IMTRenderer motion encoder")
 
         def prepare():  # which Triton kernels the traced code may call, for the model's device and dtype now
             weight = next(model.parameters())
@@ -119,9 +126,8 @@ def set_compile(model: nn.Module, mode: str = "default", backend: Any = "inducto
         target = model.velocity
     else:
         raise TypeError(f"set_compile takes an IMTRenderer or a MotionGenerator, not {type(model).__name__}")
-    options = {} if mode == "default" else {"mode": mode}
     _compiled[model] = _Compiled(torch.compile(target, backend=backend, dynamic=False, fullgraph=True,
-                                               **options), mode, backend, type(model).__name__, prepare)
+                                               **options), mode, backend, type(model).__name__, prepare, motion)
     log.info("%s will be compiled (mode %s) at its first use of each shape", type(model).__name__, mode)
 
 
@@ -158,10 +164,26 @@ def frames_step(renderer: nn.Module) -> Callable:
     return current.fn if current is not None else eager_frames
 
 
+def motion_step(renderer: nn.Module) -> Callable:
+    """`step(renderer, images) → latents` for this renderer: compiled or eager.
+
+    images: driving frames `[b, 3, S, S]` in [0, 1] on the renderer's device and dtype; latents
+    `[b, latent_dim]` in the renderer's dtype (under "reduce-overhead" in the graph's memory until the next
+    call: copy them out).
+    """
+    current = _compiled.get(renderer)
+    return current.motion.fn if current is not None and current.motion is not None else eager_motion
+
+
 def velocity_fn(generator: nn.Module) -> Callable:
     """The generator's `velocity` (same arguments): compiled or its own method."""
     current = _compiled.get(generator)
     return current.fn if current is not None else generator.velocity
+
+
+def eager_motion(renderer, images: torch.Tensor) -> torch.Tensor:
+    """The uncompiled motion step (see `motion_step`)."""
+    return renderer.encode_motion(images)
 
 
 def eager_frames(renderer, vector: torch.Tensor, source, latents: torch.Tensor) -> torch.Tensor:

@@ -158,22 +158,34 @@ def encode_motion(renderer: IMTRenderer, images: torch.Tensor, batch_size: int =
     images = check_images(images, renderer.cfg.image_size, "driving frames")
     batch_size = check_batch_size(batch_size)
     device, dtype = _model_place(renderer)
+    # On a CPU one frame at a time: a 512² frame's activations (64 channels, 67 MB in float32) already
+    # exceed the caches, and every frame more makes each conv slower per frame (channels-last, 2 threads:
+    # 0.93 s a frame alone, 1.15 in twos, 1.22 in fours; benchmarks/motion_speed.py --parts encoder).
+    step = CPU_MOTION_ENCODE_FRAMES if device.type == "cpu" else batch_size
+    motion = compiled.motion_step(renderer)
+    # Compiled: a short part is padded (with its last frame) to the step, so that it runs the graph compiled
+    # for full parts instead of compiling another.
+    pad_to = step if compiled.bucket_size(renderer, batch_size) is not None else None
     out = []
     for start in range(0, images.shape[0], batch_size):
         if check_interrupt is not None:
             check_interrupt()
         batch = images[start:start + batch_size].to(device=device, dtype=dtype)
-        # On a CPU one frame at a time: a 512² frame's activations (64 channels, 67 MB in float32) already
-        # exceed the caches, and every frame more makes each conv slower per frame (channels-last, 2 threads:
-        # 0.93 s a frame alone, 1.15 in twos, 1.22 in fours; benchmarks/motion_speed.py --parts encoder).
-        step = CPU_MOTION_ENCODE_FRAMES if device.type == "cpu" else batch.shape[0]
         with model_fp32(renderer):
-            out.append(torch.cat([renderer.encode_motion(batch[i:i + step]).float()
+            out.append(torch.cat([_encode_part(renderer, motion, batch[i:i + step], pad_to)
                                   for i in range(0, batch.shape[0], step)]))
         check_finite_output(out[-1], "motion of the driving frames", RENDERER_CAUSES)
         if callback is not None:
             callback(min(start + batch_size, images.shape[0]), images.shape[0])
     return torch.cat(out)
+
+
+def _encode_part(renderer: IMTRenderer, motion, part: torch.Tensor, pad_to: int | None) -> torch.Tensor:
+    """Motion latents `[n, latent_dim]` in float32 (a copy, out of a CUDA graph's memory) of frames `[n, ...]`."""
+    n = part.shape[0]
+    if pad_to is not None and n < pad_to:
+        part = torch.cat([part, part[-1:].expand(pad_to - n, *part.shape[1:])])
+    return motion(renderer, part)[:n].to(torch.float32, copy=True)
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 COMPILE_INPUT = (list(COMPILE_MODES), {
     "default": "off",
-    "tooltip": "torch.compile the per-frame work (renderer) or the sampling steps (generator). The first run of "
+    "tooltip": "torch.compile the per-frame work (renderer: rendering, and encoding driving frames) or the "
+               "sampling steps (generator). The first run of "
                "each batch size compiles (40-80 s on a GPU, minutes on a CPU), later runs are faster. "
                "reduce-overhead also records CUDA graphs and pays most: on an H200 in fp16 a frame takes "
                "2.1 instead of 3.7 ms at batch 32 and 3.6 instead of 15 ms at batch 1, the generator's "

@@ -262,7 +262,9 @@ class MotionBatches:
         if not self.pending:
             return
         count, self.pending = self.pending, 0
-        out = encode_motion(self.module, self.buffer[:count], batch_size=count,
+        # The buffer's size as the batch size: a short last flush is then padded to it when the renderer is
+        # compiled (one graph), and runs as it is otherwise.
+        out = encode_motion(self.module, self.buffer[:count], batch_size=self.buffer.shape[0],
                             check_interrupt=bridge.check_interrupt)
         if self.latents is None:
             self.latents = torch.empty(max(self.expected, count), out.shape[1], dtype=torch.float32)

@@ -69,6 +69,32 @@ def test_frames_step_traces_whole_once_per_batch_size(tiny):
     assert len(backend.graphs) == 2
 
 
+def test_motion_encoder_traces_whole_once_per_batch_size(tiny, monkeypatch):
+    """Driving frames through the compiled motion encoder: one graph for parts of two frames, the short
+    last part padded into it, latents equal to eager ones."""
+    model = tiny[0]
+    monkeypatch.setattr(pipeline, "CPU_MOTION_ENCODE_FRAMES", 2)  # a CPU part is one frame otherwise
+    size = model.cfg.image_size
+    images = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(7))
+    eager = pipeline.encode_motion(model, images, batch_size=4)  # batches 4, 1; parts 2, 2, 1
+    backend = RecordingBackend()
+    compiled.set_compile(model, "default", backend=backend)
+    latents = pipeline.encode_motion(model, images, batch_size=4)
+    assert len(backend.graphs) == 1
+    graph = backend.graphs[0]
+    assert any("conv2d" in str(node.target) for node in graph.graph.nodes)
+    inputs = [node.meta["example_value"].shape for node in graph.graph.find_nodes(op="placeholder")
+              if "example_value" in node.meta]
+    assert [shape for shape in inputs if tuple(shape[1:]) == (3, size, size)] == [(2, 3, size, size)]
+    assert latents.shape == eager.shape == (5, model.cfg.latent_dim) and latents.dtype == torch.float32
+    assert eager.abs().max() > 0
+    torch.testing.assert_close(latents, eager, rtol=0, atol=1e-6)
+    pipeline.encode_motion(model, images[:3], batch_size=4)  # the same parts: no new graph
+    assert len(backend.graphs) == 1
+    compiled.set_compile(model, "off")
+    assert compiled.motion_step(model) is compiled.eager_motion
+
+
 def test_without_the_bucket_a_short_batch_would_compile_again(tiny):
     model, identity, motion = tiny
     backend = RecordingBackend()
