@@ -620,7 +620,7 @@ class WindowAttention(ParameterCaches):
         # state dict is unchanged. The key changes whenever the table or the mask is replaced,
         # moved, cast or modified in place (load_state_dict), so a stale bias is never used.
         self._bias_cache: tuple[tuple, torch.Tensor] | None = None
-        self._kernel_table_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._kernel_table_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def drop_caches(self) -> None:
         self._bias_cache = None
@@ -640,25 +640,17 @@ class WindowAttention(ParameterCaches):
         autograd with a trainable table it is rebuilt every call so gradients flow.
         """
         table = self.relative_position_bias_table
-        # Under torch.compile the bias is built inside the graph: the cache key reads storage pointers and
-        # version counters, which cannot be traced, and the compiled code keeps the result anyway.
-        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
-            return self._build_bias(mask, dtype)
-        key = (tensor_key(table), dtype, None if mask is None else (tensor_key(mask), mask.shape))
-        if self._bias_cache is None or self._bias_cache[0] != key:
-            self._bias_cache = (key, self._build_bias(mask, dtype))
-        return self._bias_cache[1]
+        return self._cached(
+            "_bias_cache", table,
+            lambda: (tensor_key(table), dtype, None if mask is None else (tensor_key(mask), mask.shape)),
+            lambda: self._build_bias(mask, dtype))
 
     def kernel_bias_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The window kernel's bias inputs: the table `[(2w-1)², heads]` in float32 and the index `[n, n]` in
         int32, both contiguous; cached like `attention_bias` (rebuilt under autograd and while compiling)."""
         table, index = self.relative_position_bias_table, self.relative_position_index
-        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
-            return table.float().contiguous(), index.to(torch.int32).contiguous()
-        key = ("kernel table", tensor_key(table), tensor_key(index))
-        if self._kernel_table_cache is None or self._kernel_table_cache[0] != key:
-            self._kernel_table_cache = (key, table.float().contiguous(), index.to(torch.int32).contiguous())
-        return self._kernel_table_cache[1], self._kernel_table_cache[2]
+        return self._cached("_kernel_table_cache", table, lambda: (tensor_key(table), tensor_key(index)),
+                            lambda: (table.float().contiguous(), index.to(torch.int32).contiguous()))
 
     def _build_bias(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         bias = self._bias().to(dtype)

@@ -3,8 +3,13 @@ folded conv weights): the keys that tell when a tensor was replaced, moved, cast
 the base class that drops the caches whenever the module is moved, cast or loaded."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 def version(tensor: torch.Tensor) -> int:
@@ -29,6 +34,22 @@ class ParameterCaches(nn.Module):
 
     def drop_caches(self) -> None:
         raise NotImplementedError
+
+    def _cached(self, slot: str, trainable: torch.Tensor, key: Callable[[], tuple], build: Callable[[], T]) -> T:
+        """`build()`, kept in the attribute `slot` as `(key(), result)` and reused while `key()` is unchanged.
+
+        Built afresh on every call under autograd when `trainable` requires grad (so gradients flow), and
+        while torch.compile traces (the keys read storage pointers and version counters, which cannot be
+        traced; the compiled code keeps the result anyway).
+        """
+        if (torch.is_grad_enabled() and trainable.requires_grad) or torch.compiler.is_compiling():
+            return build()
+        current = key()
+        entry = getattr(self, slot)
+        if entry is None or entry[0] != current:
+            entry = (current, build())
+            setattr(self, slot, entry)
+        return entry[1]
 
     def _apply(self, fn, *args, **kwargs):
         self.drop_caches()

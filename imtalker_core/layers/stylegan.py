@@ -153,7 +153,7 @@ class ModulatedConv2d(ParameterCaches):
         if upsample:
             p = 2 - (kernel_size - 1)  # (taps - factor) - (kernel - 1)
             self.blur = Blur(pad=((p + 1) // 2 + 1, p // 2 + 1), gain=4.0)
-        self._weight_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._weight_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def drop_caches(self) -> None:
         self._weight_cache = None
@@ -161,12 +161,7 @@ class ModulatedConv2d(ParameterCaches):
     def _shared_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the scaled weight `[C_out, C_in, k, k]`, or `[C_in, C_out, k, k]` contiguous for the transposed
         conv when upsampling; its energy `Σ_taps w²` as `[C_in, C_out]`)."""
-        if (torch.is_grad_enabled() and self.weight.requires_grad) or torch.compiler.is_compiling():
-            return self._build_shared_weight()
-        key = tensor_key(self.weight)
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            self._weight_cache = (key, *self._build_shared_weight())
-        return self._weight_cache[1], self._weight_cache[2]
+        return self._cached("_weight_cache", self.weight, lambda: tensor_key(self.weight), self._build_shared_weight)
 
     def _build_shared_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.weight[0] * self.scale
