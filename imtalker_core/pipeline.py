@@ -165,7 +165,7 @@ def encode_motion(renderer: IMTRenderer, images: torch.Tensor, batch_size: int =
     motion = compiled.motion_step(renderer)
     # Compiled: a short part is padded (with its last frame) to the step, so that it runs the graph compiled
     # for full parts instead of compiling another.
-    pad_to = step if compiled.bucket_size(renderer, batch_size) is not None else None
+    pad_to = step if compiled.compile_mode(renderer) != "off" else None
     out = []
     for start in range(0, images.shape[0], batch_size):
         if check_interrupt is not None:

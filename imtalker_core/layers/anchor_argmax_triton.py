@@ -305,8 +305,7 @@ def anchor_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     normaliser. Returns (picks `[B, Nq]` int64, values `[B, H, Nq, dv]` contiguous in v's dtype). Launch
     options and errors as in `head_mean_argmax_triton`.
     """
-    picks, values = _launch(q, k, v, scale, block_m, block_n, num_warps, tensor_cores)
-    return picks, values
+    return _launch(q, k, v, scale, block_m, block_n, num_warps, tensor_cores)
 
 
 def _launch(q, k, v, scale, block_m, block_n, num_warps, tensor_cores):
@@ -344,15 +343,15 @@ def _launch(q, k, v, scale, block_m, block_n, num_warps, tensor_cores):
     else:
         values = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
         value_strides = (0 if shared else v.stride(0), *v.stride()[1:])
-    sizes = (h, nq, nk, d, dv, float(scale))
+    sizes = (h, nq, nk, d)
     meta = dict(POST_SCALE=post_scale, TENSOR_CORES=tensor_cores, BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_D=block_d, num_warps=num_warps)
     # Triton launches on the current CUDA device: make it q's.
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _max_and_normaliser_kernel[(triton.cdiv(nq, block_m), b * h)](
-            q, k, m if v is None else v, m, rz, values, *strides, *value_strides, *sizes,
+            q, k, m if v is None else v, m, rz, values, *strides, *value_strides, *sizes, dv, float(scale),
             WITH_VALUES=v is not None, BLOCK_DV=max(16, triton.next_power_of_2(dv)), **meta)
-        _head_mean_argmax_kernel[(triton.cdiv(nq, block_m), b)](q, k, m, rz, out, *strides, *sizes[:4], sizes[5],
+        _head_mean_argmax_kernel[(triton.cdiv(nq, block_m), b)](q, k, m, rz, out, *strides, *sizes, float(scale),
                                                                 **meta)
     return out, None if v is None else values
 
