@@ -19,7 +19,7 @@ What is compiled, and why there:
 Modes are `torch.compile`'s: "default", "reduce-overhead" (CUDA graphs on a GPU; outputs live in the
 graph's memory until the next replay, so `pipeline` copies frames out before the next batch) and
 "max-autotune". The first call of each shape compiles: tens of seconds on a GPU, minutes on a CPU. It pays
-for long clips and repeated runs on a GPU; on a CPU it is rarely worth it (see README, Benchmarks).
+for long clips and repeated runs on a GPU; on a CPU it is rarely worth it (see benchmarks/README.md).
 
 The compiled functions live in a weak table keyed by the model, not on it: the state dict, `.to()` and
 ComfyUI's model management see the plain module. Moving or casting the model makes torch recompile

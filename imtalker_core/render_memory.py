@@ -1,6 +1,6 @@
 """How much memory rendering takes, and how many frames to render at once when the user leaves it to us.
 
-The budgets are measured (README, Benchmarks):
+The budgets are measured (benchmarks/README.md):
 - CPU, fp32: a batch of 2 raised peak memory by about 650 MiB over the loaded model (~325 MiB a frame);
   512 MiB a frame leaves room for allocator slack.
 - CUDA, from the peak GPU memory (weights included) on an H200, eager, at batch 1/8/32/64: fp16/bf16
