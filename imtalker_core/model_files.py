@@ -24,6 +24,8 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 
+# The models folder outside ComfyUI (command line, scripts, the nodes run standalone).
+MODELS_ENV = "IMTALKER_MODELS"
 HF_REPO = "cbsjtu01/IMTalker"
 HF_URL = f"https://huggingface.co/{HF_REPO}"
 RENDERER_FILE = "renderer.ckpt"
@@ -42,8 +44,8 @@ class MissingFilesError(InputError, FileNotFoundError):
 
 
 def default_models_dir() -> Path:
-    """The models folder used when none is given (see the module docstring)."""
-    env = os.environ.get("IMTALKER_MODELS")
+    """The models folder used when none is given (see the module docstring); the nodes outside ComfyUI too."""
+    env = os.environ.get(MODELS_ENV)
     if env:
         return Path(env).expanduser()
     pack_dir = Path(__file__).resolve().parent.parent

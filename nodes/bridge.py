@@ -6,8 +6,9 @@ progress bar (`comfy.utils.ProgressBar`), cancellation, the output folder, and t
 between ComfyUI's IMAGE/AUDIO values and what `imtalker_core` expects.
 
 Running outside ComfyUI (unit tests, scripts) is a *standalone mode* with explicit fallbacks:
-compute on the CPU, no progress bar, no cancellation, model folders from the environment variable
-`IMTALKER_MODELS_DIR` and outputs under `IMTALKER_OUTPUT_DIR` (default `./output`). The mode is
+compute on the CPU, no progress bar, no cancellation, the command line's model folders (`$IMTALKER_MODELS`,
+several separated by the path separator, else `model_files.default_models_dir()`) and outputs under
+`IMTALKER_OUTPUT_DIR` (default `./output`). The mode is
 chosen once: if ComfyUI's modules are already loaded (we are inside a ComfyUI process), a failure
 to import them is an error, never a silent fallback. Standalone mode is logged once at WARNING.
 
@@ -26,6 +27,7 @@ import torch
 
 from ..imtalker_core import render_memory
 from ..imtalker_core.errors import InputError
+from ..imtalker_core.model_files import MODELS_ENV, default_models_dir
 from ..imtalker_core.precision import PRECISION_DTYPES
 from .types import ManagedModel
 
@@ -34,7 +36,6 @@ log = logging.getLogger(__name__)
 MODEL_FOLDER_KEY = "imtalker"
 CHECKPOINT_EXTENSIONS = (".ckpt", ".pt", ".pth", ".safetensors")
 WAV2VEC2_MARKER = "config.json"
-MODELS_ENV = "IMTALKER_MODELS_DIR"
 OUTPUT_ENV = "IMTALKER_OUTPUT_DIR"
 PRECISIONS = ("auto", *PRECISION_DTYPES)
 OFFICIAL_FILES_HELP = (
@@ -111,7 +112,7 @@ def model_folders() -> list[str]:
         if MODEL_FOLDER_KEY not in folder_paths.folder_names_and_paths:
             register_model_folder()  # the pack's import normally did this already
         return folder_paths.get_folder_paths(MODEL_FOLDER_KEY)
-    return [p for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
+    return [p for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p] or [str(default_models_dir())]
 
 
 def download_folder() -> str:

@@ -53,8 +53,8 @@ def sub(pack):
 def env_dirs(standin_dir, tmp_path_factory):
     """Standalone mode's folders: models from the stand-in folder, outputs in a temp folder."""
     out = tmp_path_factory.mktemp("output")
-    saved = {k: os.environ.get(k) for k in ("IMTALKER_MODELS_DIR", "IMTALKER_OUTPUT_DIR")}
-    os.environ["IMTALKER_MODELS_DIR"] = str(standin_dir)
+    saved = {k: os.environ.get(k) for k in ("IMTALKER_MODELS", "IMTALKER_OUTPUT_DIR")}
+    os.environ["IMTALKER_MODELS"] = str(standin_dir)
     os.environ["IMTALKER_OUTPUT_DIR"] = str(out)
     yield standin_dir, out
     for key, value in saved.items():
@@ -185,7 +185,7 @@ def test_model_lists_skip_wav2vec2_folders_and_other_files(sub, tmp_path, monkey
                 "audio/w2v-local/config.json", "audio/w2v-local/pytorch_model.bin"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
-    monkeypatch.setenv("IMTALKER_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("IMTALKER_MODELS", str(tmp_path))
     assert bridge.list_checkpoints() == ["generator.safetensors", "more/renderer_fp16.pth", "renderer.ckpt"]
     assert bridge.list_wav2vec2_folders() == ["audio/w2v-local", "wav2vec2-base-960h"]
     assert bridge.find_checkpoint("more/renderer_fp16.pth") == str(tmp_path / "more" / "renderer_fp16.pth")
@@ -193,6 +193,22 @@ def test_model_lists_skip_wav2vec2_folders_and_other_files(sub, tmp_path, monkey
         bridge.find_checkpoint("../renderer.ckpt")
     with pytest.raises(FileNotFoundError, match="wav2vec2-base-960h/ with"):
         bridge.find_wav2vec2_folder("audio")
+
+
+def test_standalone_model_folders_are_the_command_lines(sub, tmp_path, monkeypatch):
+    """Outside ComfyUI the nodes read the folder the command line reads: `$IMTALKER_MODELS` (a list
+    here), else `model_files.default_models_dir()`."""
+    bridge = sub("nodes.bridge")
+    model_files = sub("imtalker_core.model_files")
+    first, second = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setenv("IMTALKER_MODELS", f"{first}{os.pathsep}{second}")
+    assert bridge.model_folders() == [str(first), str(second)]
+    assert bridge.download_folder() == str(first)
+    monkeypatch.setenv("IMTALKER_MODELS", str(first))
+    assert model_files.default_models_dir() == first and bridge.model_folders() == [str(first)]
+    monkeypatch.delenv("IMTALKER_MODELS")
+    assert bridge.model_folders() == [str(model_files.default_models_dir())]
+    assert model_files.MODELS_ENV == "IMTALKER_MODELS"
 
 
 class FakeComfy:
@@ -316,7 +332,7 @@ def test_loaders_download_official_files_on_first_use(pack, sub, standin_dir, tm
     """An empty models folder: the official names are offered, validated, and fetched on load."""
     import shutil
 
-    monkeypatch.setenv("IMTALKER_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("IMTALKER_MODELS", str(tmp_path))
     model_files = sub("imtalker_core.model_files")
     fetched = []
 
