@@ -1,4 +1,5 @@
-"""Command line: `python -m imtalker_core {audio,video,batch,convert,models} …` (see README)."""
+"""Command line: `python -m imtalker_core {audio,video,batch,convert,models,prepare-data,train-generator,
+train-renderer} …` (see README)."""
 from __future__ import annotations
 
 import argparse
