@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -291,8 +292,16 @@ def ensure_loaded(model: ManagedModel, memory_required: int = 0) -> torch.nn.Mod
 # Progress and cancellation
 # --------------------------------------------------------------------------------------------
 
+#: Seconds between two frame previews on a node: the first frame at once, then about two a second, so that
+#: making the JPEG (a few milliseconds) never slows a fast GPU run.
+PREVIEW_INTERVAL_S = 0.5
+#: Longest side of a frame preview, as ComfyUI's sampler previews (its `--preview-size` default).
+PREVIEW_SIZE = 512
+
+
 class Progress:
-    """`callback(done, total)` for `imtalker_core`, shown as ComfyUI's node progress bar.
+    """`callback(done, total)` for `imtalker_core`, shown as ComfyUI's node progress bar, and `preview`
+    for the frames made so far.
 
     Standalone it only logs at DEBUG. Inside ComfyUI every update is also a cancel point
     (ComfyUI's progress hook checks for interruption).
@@ -301,13 +310,49 @@ class Progress:
     def __init__(self, total: int, what: str):
         self.what = what
         utils = _comfy("comfy.utils")
-        self._bar = utils.ProgressBar(max(int(total), 1)) if utils is not None else None
+        self._total = max(int(total), 1)
+        self._done = 0
+        self._bar = utils.ProgressBar(self._total) if utils is not None else None
+        self._previewed_at: float | None = None
 
     def __call__(self, done: int, total: int) -> None:
+        self._done, self._total = int(done), int(total)
         if self._bar is not None:
-            self._bar.update_absolute(int(done), int(total))
+            self._bar.update_absolute(self._done, self._total)
         else:
             log.debug("%s: %d/%d", self.what, done, total)
+
+    def preview(self, frames: torch.Tensor) -> None:
+        """Show the newest of `frames` (`[b, H, W, 3]`, float in [0, 1] or uint8, on any device) on the node,
+        as ComfyUI shows a sampler's previews: the first call's at once, then at most one every
+        `PREVIEW_INTERVAL_S`. A no-op standalone."""
+        if self._bar is None or frames.shape[0] == 0:
+            return
+        now = time.perf_counter()
+        if self._previewed_at is not None and now - self._previewed_at < PREVIEW_INTERVAL_S:
+            return
+        self._previewed_at = now
+        self._bar.update_absolute(self._done, self._total, ("JPEG", preview_image(frames[-1]), PREVIEW_SIZE))
+
+
+def preview_image(frame: torch.Tensor):
+    """One frame `[H, W, 3]` (float in [0, 1] or uint8, any device) as a PIL RGB image whose longest side is
+    at most `PREVIEW_SIZE` (a pasted-back photo shrunk on its device first, so only the preview's pixels
+    are converted and copied)."""
+    from PIL import Image
+
+    from ..imtalker_core.media.images import to_uint8
+
+    height, width = frame.shape[:2]
+    scale = PREVIEW_SIZE / max(height, width)
+    if scale < 1:
+        pixels = frame.detach().permute(2, 0, 1)[None].float()
+        if frame.dtype == torch.uint8:
+            pixels = pixels / 255
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        frame = torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", antialias=True,
+                                                align_corners=False)[0].permute(1, 2, 0)
+    return Image.fromarray(to_uint8(frame.detach().float().cpu() if frame.dtype != torch.uint8 else frame.cpu()))
 
 
 def check_interrupt() -> None:

@@ -92,6 +92,7 @@ class IMTalkerRender:
                                     output_device=frames.device, callback=progress,
                                     check_interrupt=bridge.check_interrupt):
             frames[done:done + batch.shape[0], :size, :size] = batch.permute(0, 2, 3, 1)
+            progress.preview(frames[done:done + batch.shape[0], :size, :size])
             done += batch.shape[0]
         return (fill_even_padding(frames, size, size),)
 
@@ -165,6 +166,7 @@ class IMTalkerRenderToVideo:
                 if crop is not None:
                     frames = paste_into(frames, crop, original, feather, first_index=done)
                 writer.write(frames)
+                progress.preview(frames)
                 done += batch.shape[0]
         seconds = time.perf_counter() - started
         log.info("IMTalker: wrote %d frames to %s in %.2f s (%.1f ms a frame, rendering and encoding)", done, path,

@@ -138,6 +138,7 @@ class IMTalkerTalkingHead:
                               device=bridge.intermediate_device())
             for batch in batches:
                 out[done:done + batch.shape[0]] = finished(batch, done)
+                progress.preview(out[done:done + batch.shape[0]])
                 done += batch.shape[0]
             return (out, sound, fps, "")
 
@@ -148,6 +149,7 @@ class IMTalkerTalkingHead:
             for batch in batches:
                 frames = finished(batch, done)
                 writer.write(frames)
+                progress.preview(frames)
                 if poster is None:
                     poster = frames[:1].clone()
                 done += batch.shape[0]

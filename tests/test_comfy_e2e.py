@@ -190,6 +190,25 @@ def test_workflow_loads_in_the_frontend(comfy, path, tmp_path):
     assert "dialog open after load" not in result.stderr, result.stderr
 
 
+def test_rendering_shows_frame_previews_on_the_node(comfy, tmp_path):
+    """While Render To Video works, the frontend gets previews of its frames over the websocket (a JPEG of
+    the newest frame, as a sampler's previews), attributed to that node."""
+    env, _ = comfy
+    path = next(p for p in WORKFLOWS if p.stem == "imtalker_audio_portrait")
+    prompt = ui_to_api(json.loads(path.read_text()), object_info(env))
+    node = next(k for k, v in prompt.items() if v["class_type"] == "IMTalkerRenderToVideo")
+    # A new output name: the node runs again even when an earlier test ran this workflow (ComfyUI's cache).
+    prompt[node]["inputs"]["filename_prefix"] = "IMTalker/previews"
+    prompt_file = tmp_path / "previews.api.json"
+    prompt_file.write_text(json.dumps(prompt))
+    result = run_script(env, ROOT / "tests" / "helpers" / "comfy_previews.py", prompt_file, "--url",
+                        env["COMFY_URL"])
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    previews = json.loads(result.stdout)["previews"]
+    assert previews and all(p["node"] == node for p in previews), previews
+    assert {(p["format"], p["decoded"], tuple(p["size"])) for p in previews} == {("JPEG", "JPEG", (512, 512))}
+
+
 def test_missing_model_is_reported_before_running(comfy, tmp_path):
     env, _ = comfy
     prompt = ui_to_api(json.loads(WORKFLOWS[0].read_text()), object_info(env))

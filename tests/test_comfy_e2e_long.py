@@ -4,7 +4,7 @@ after rendering, and the pack beside ComfyUI-VideoHelperSuite.
 
 Opt-in like `tests/test_comfy_e2e.py` (same `COMFYUI_DIR`, harness and venv); the VideoHelperSuite check also needs
 `VHS_DIR`, a checkout of github.com/Kosinkadink/ComfyUI-VideoHelperSuite (its own requirements installed in the
-harness venv: imageio-ffmpeg). Slow on a CPU: about 10 minutes on two cores.
+harness venv: imageio-ffmpeg). Slow on a CPU: about 6 minutes on two cores.
 
 How the work is shortened: the official-size renderer takes about a second per frame on a CPU and the official-size
 generator seconds per 2-second window, so the runs that make hundreds of frames (every template with the 10 s

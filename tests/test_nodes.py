@@ -248,8 +248,8 @@ class FakeComfy:
             def __init__(self, total):
                 fake.progress.append(("new", total))
 
-            def update_absolute(self, value, total=None):
-                fake.progress.append((value, total))
+            def update_absolute(self, value, total=None, preview=None):
+                fake.progress.append((value, total) if preview is None else (value, total, preview))
         utils.ProgressBar = ProgressBar
         self.modules = {"folder_paths": folder_paths, "comfy": types.ModuleType("comfy"),
                         "comfy.model_management": mm, "comfy.model_patcher": patcher, "comfy.utils": utils}
@@ -281,6 +281,51 @@ def test_bridge_inside_comfyui_uses_comfy_services(sub, tmp_path, monkeypatch):
         bridge.check_interrupt()
     path, filename, subfolder = bridge.next_output_path("IMTalker/x", "mp4")
     assert (filename, subfolder) == ("clip_00007_.mp4", "sub") and os.path.isdir(os.path.dirname(path))
+
+
+def test_progress_previews_the_newest_frame_at_most_twice_a_second(sub, tmp_path, monkeypatch):
+    """Inside ComfyUI the render nodes' bar also carries a JPEG of the newest frame, as a sampler's previews:
+    the first at once, then one per `PREVIEW_INTERVAL_S`, large frames shrunk to `PREVIEW_SIZE`."""
+    bridge = sub("nodes.bridge")
+    fake = FakeComfy(tmp_path / "models", tmp_path / "out")
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    clock = [100.0]
+    monkeypatch.setattr(bridge.time, "perf_counter", lambda: clock[0])
+    progress = bridge.Progress(4, "rendering frames")
+    progress(1, 4)
+    # A pasted-back photo 1024 high, 768 wide: red above, blue below; the batch's first frame is never shown.
+    photo = torch.zeros(2, 1024, 768, 3)
+    photo[1, :512, :, 0] = 1.0
+    photo[1, 512:, :, 2] = 1.0
+    progress.preview(photo)
+    value, total, (kind, image, size) = fake.progress[-1]
+    assert (value, total, kind, size) == (1, 4, "JPEG", bridge.PREVIEW_SIZE)
+    assert image.mode == "RGB" and image.size == (384, 512)  # PIL: (width, height)
+    pixels = np.asarray(image)
+    assert pixels[100, 200].tolist() == [255, 0, 0] and pixels[400, 200].tolist() == [0, 0, 255]
+
+    progress(2, 4)
+    clock[0] += bridge.PREVIEW_INTERVAL_S / 2
+    progress.preview(photo)
+    assert fake.progress[-1] == (2, 4)  # too soon: no preview
+    clock[0] += bridge.PREVIEW_INTERVAL_S
+    small = torch.randint(0, 256, (1, 40, 30, 3), dtype=torch.uint8)
+    progress.preview(small)
+    value, total, (kind, image, size) = fake.progress[-1]
+    assert (value, total) == (2, 4) and np.array_equal(np.asarray(image), small[0].numpy())  # kept as it is
+
+
+def test_progress_preview_is_a_no_op_standalone(sub, monkeypatch):
+    bridge = sub("nodes.bridge")
+    assert not bridge.inside_comfyui()
+
+    def refuse(frame):
+        raise AssertionError("no preview image is made without ComfyUI")
+    monkeypatch.setattr(bridge, "preview_image", refuse)
+    progress = bridge.Progress(1, "rendering frames")
+    progress(1, 1)
+    progress.preview(torch.rand(1, 8, 8, 3))
 
 
 def test_bridge_reports_broken_comfyui_instead_of_falling_back(sub, monkeypatch):

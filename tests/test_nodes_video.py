@@ -571,6 +571,31 @@ def test_render_with_auto_batch_size_renders_every_frame(pack, sub, renderer, mo
     assert seen == [1] and frames.shape[0] == 2
 
 
+def test_render_nodes_preview_each_batch_as_it_is_rendered(pack, sub, renderer, env_dirs, monkeypatch):
+    """Render and Render To Video hand every batch's frames, as they leave the node, to the bar's preview
+    (which shows the newest, throttled: `Progress.preview`)."""
+    bridge, render = sub("nodes.bridge"), sub("nodes.render")
+    previews = []
+
+    class RecordingProgress(bridge.Progress):
+        def preview(self, frames):
+            previews.append(frames.clone())
+
+    monkeypatch.setattr(bridge, "Progress", RecordingProgress)
+    identity = sub("nodes.encode").IMTalkerEncodeIdentity().encode(renderer, torch.rand(1, 512, 512, 3))[0]
+    motion = sub("nodes.types").Motion(torch.randn(2, 32, generator=torch.Generator().manual_seed(3)), 25.0)
+    (frames,) = render.IMTalkerRender().render(renderer, identity, motion, batch_size=1)
+    assert [p.shape for p in previews] == [(1, 512, 512, 3)] * 2
+    assert torch.equal(torch.cat(previews), frames)
+
+    previews.clear()
+    first = sub("nodes.types").Motion(motion.latents[:1], 25.0)
+    render.IMTalkerRenderToVideo().render(renderer, identity, first, "tests/preview", batch_size=1)
+    (shown,) = previews
+    assert shown.dtype == torch.uint8 and shown.shape == (1, 512, 512, 3)
+    assert (shown.float() / 255 - frames[:1]).abs().max() <= 0.5 / 255 + 1e-6  # the same frame, as bytes
+
+
 def test_encode_motion_auto_batch_moves_the_bar_every_frame_on_the_cpu(pack, sub, renderer, fake_encoder,
                                                                       media_dir, progress_updates):
     updates = progress_updates
