@@ -432,7 +432,9 @@ def test_render_pads_odd_sizes_to_even(pack, sub, monkeypatch):
     render_module = sub("nodes.render")
     drawn = torch.rand(3, 3, 5, 5)
     module = types.SimpleNamespace(cfg=types.SimpleNamespace(image_size=5))
-    monkeypatch.setattr(render_module, "_render_setup", lambda renderer, motion, batch_size: (module, None, batch_size))
+    progress = sub("nodes.bridge").Progress(3, "rendering frames")  # standalone: no bar, no previews
+    monkeypatch.setattr(render_module, "_render_setup", lambda renderer, motion, batch_size: (module, progress,
+                                                                                             batch_size))
 
     def fake_batches(module, identity, latents, batch_size, **_):
         for start in range(0, latents.shape[0], batch_size):
