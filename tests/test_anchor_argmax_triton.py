@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from imtalker_core.layers import anchor_argmax_triton as K
 from imtalker_core.layers import attention as A
-from tests.helpers.triton_interpreter import count_calls, interpreter_fixture
+from tests.helpers.triton_interpreter import count_calls, interpreter_fixture, interpreter_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 # Relative head-mean weight (float64) by which a pick may fall short of the best: float32 rounding of
@@ -469,3 +469,13 @@ def test_cuda_kernel_matches_torch(dtype):
     # The values from the kernel's first pass against SDPA's: each rounds the weights its own way.
     torch.testing.assert_close(out.float(), torch_out.float(), rtol=0,
                                atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_interpreter_problem_names_the_triton_and_numpy_that_cannot_work_together():
+    """A failed interpreter run says when it is triton < 3.7 beside numpy >= 2.4 (torch 2.7's triton 3.3.1
+    with today's numpy), and what to install."""
+    problem = interpreter_problem("3.3.1", "2.4.6")
+    assert "triton 3.3.1" in problem and "numpy 2.4.6" in problem and "numpy<2.4" in problem
+    assert interpreter_problem("3.6.0+git1234", "2.4.0") is not None
+    for versions in (("3.7.0", "2.4.6"), ("3.9.0", "2.4.6"), ("3.3.1", "2.3.5"), ("3.3.1", "1.26.4")):
+        assert interpreter_problem(*versions) is None, versions
