@@ -29,38 +29,39 @@ IMAGE_TYPES = {1: "JPEG", 2: "PNG"}
 
 async def run_prompt(url: str, prompt: dict, timeout: float) -> dict:
     client_id = uuid.uuid4().hex
-    previews, executing = [], None
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(f"{url}/ws?clientId={client_id}", max_msg_size=0) as ws:
             async with session.post(f"{url}/prompt", json={"prompt": prompt, "client_id": client_id}) as reply:
                 body = await reply.json()
                 if reply.status != 200:
-                    return {"status": "error", "message": json.dumps(body), "previews": previews}
-                prompt_id = body["prompt_id"]
-            async with asyncio.timeout(timeout):
-                async for message in ws:
-                    if message.type == aiohttp.WSMsgType.BINARY:
-                        (event,) = struct.unpack(">I", message.data[:4])
-                        if event == PREVIEW_IMAGE:
-                            (kind,) = struct.unpack(">I", message.data[4:8])
-                            image = Image.open(io.BytesIO(message.data[8:]))
-                            previews.append({"node": executing, "format": IMAGE_TYPES.get(kind, str(kind)),
-                                             "decoded": image.format, "size": list(image.size)})
-                        continue
-                    if message.type != aiohttp.WSMsgType.TEXT:
-                        return {"status": "error", "message": f"websocket closed ({message.type})",
-                                "previews": previews}
-                    event = json.loads(message.data)
-                    data = event.get("data", {})
-                    if data.get("prompt_id") not in (None, prompt_id):
-                        continue
-                    if event["type"] == "execution_error":
-                        return {"status": "error", "message": data.get("exception_message", ""),
-                                "previews": previews}
-                    if event["type"] == "executing":
-                        executing = data.get("node")
-                        if executing is None:
-                            return {"status": "success", "previews": previews}
+                    return {"status": "error", "message": json.dumps(body), "previews": []}
+            return await asyncio.wait_for(follow(ws, body["prompt_id"]), timeout)
+
+
+async def follow(ws, prompt_id: str) -> dict:
+    """The server's messages to this client until prompt `prompt_id` ends: the result `main` prints."""
+    previews, executing = [], None
+    async for message in ws:
+        if message.type == aiohttp.WSMsgType.BINARY:
+            (event,) = struct.unpack(">I", message.data[:4])
+            if event == PREVIEW_IMAGE:
+                (kind,) = struct.unpack(">I", message.data[4:8])
+                image = Image.open(io.BytesIO(message.data[8:]))
+                previews.append({"node": executing, "format": IMAGE_TYPES.get(kind, str(kind)),
+                                 "decoded": image.format, "size": list(image.size)})
+            continue
+        if message.type != aiohttp.WSMsgType.TEXT:
+            return {"status": "error", "message": f"websocket closed ({message.type})", "previews": previews}
+        event = json.loads(message.data)
+        data = event.get("data", {})
+        if data.get("prompt_id") not in (None, prompt_id):
+            continue
+        if event["type"] == "execution_error":
+            return {"status": "error", "message": data.get("exception_message", ""), "previews": previews}
+        if event["type"] == "executing":
+            executing = data.get("node")
+            if executing is None:
+                return {"status": "success", "previews": previews}
     return {"status": "error", "message": "the websocket ended before the prompt", "previews": previews}
 
 
