@@ -39,8 +39,8 @@ differ slightly from the whole clip's (`benchmarks/stream_latency.py` measures b
 **Generator and renderer on one device** run one after the other here (window w is rendered, then
 window w + 1 generated). Overlapping them would need the generator on another CUDA stream or thread
 (and a synchronisation per window); it is not done: a window's generation is small next to
-rendering its 50 frames (H200, fp16, from the clip figures in benchmarks/README.md: ~0.05 s vs ~0.2 s at batch 32),
-so the gain in steady frames/s would be about a fifth at best, and none for the first frame, which
+rendering its 50 frames (H200, fp16, from the clip figures in benchmarks/README.md: ~0.05 s vs ~0.2 s at
+batch 32), so the gain in steady frames/s would be about a fifth at best, and none for the first frame, which
 needs its window first anyway. Encoding overlaps rendering instead (`media.video.BackgroundWriter`).
 """
 from __future__ import annotations

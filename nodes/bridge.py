@@ -352,7 +352,7 @@ def preview_image(frame: torch.Tensor):
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         frame = torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", antialias=True,
                                                 align_corners=False)[0].permute(1, 2, 0)
-    return Image.fromarray(to_uint8(frame.detach().float().cpu() if frame.dtype != torch.uint8 else frame.cpu()))
+    return Image.fromarray(to_uint8(frame if frame.dtype == torch.uint8 else frame.float()))
 
 
 def check_interrupt() -> None:

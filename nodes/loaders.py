@@ -32,7 +32,8 @@ COMPILE_INPUT = (list(COMPILE_MODES), {
 
 def _set_compile(module, mode: str, node: str) -> None:
     """`compiled.set_compile`, with a notice when it would only cost time: on the CPU compiling takes minutes
-    and the compiled renderer measured slower than the eager one (1.66 vs 1.18 s a frame, benchmarks/README.md)."""
+    and the compiled renderer measured slower than the eager one (1.66 vs 1.18 s a frame,
+    benchmarks/README.md)."""
     set_compile(module, mode)
     if mode != "off" and bridge.compute_device().type == "cpu":
         bridge.notify(f"{node}: compile={mode} on the CPU takes minutes at the first run and is not faster there "
