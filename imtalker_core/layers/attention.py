@@ -302,9 +302,7 @@ def _check_window_op(device: torch.device, dtype: torch.dtype) -> None:
         attn.relative_position_bias_table.copy_(torch.randn(attn.relative_position_bias_table.shape, generator=g))
         q, k, v = (torch.randn(8, 16, 32, generator=g).to(device, dtype) for _ in range(3))
         mask = shifted_window_mask(8, 4, 2).to(device)
-        # The bias in the form compiled code will pass (WINDOW_BIAS_FROM_TABLE).
-        bias, index = (attn.kernel_bias_table() if WINDOW_BIAS_FROM_TABLE
-                       else (attn.attention_bias(None, torch.float32)[0], None))
+        bias, index = attn.kernel_bias()  # in the form compiled code will pass
         out = attn.proj(torch.ops.imtalker.window_attention(attn.q(q), attn.k(k), attn.v(v), attn.num_heads,
                                                             attn.scale, bias, mask, None, index))
         expected = attn._forward_explicit(q, k, v, mask)
@@ -645,6 +643,13 @@ class WindowAttention(ParameterCaches):
             lambda: (tensor_key(table), dtype, None if mask is None else (tensor_key(mask), mask.shape)),
             lambda: self._build_bias(mask, dtype))
 
+    def kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The window kernel's bias inputs as `WINDOW_BIAS_FROM_TABLE` asks: `kernel_bias_table()`, or the
+        gathered bias `[heads, n, n]` in float32 and no index; cached."""
+        if WINDOW_BIAS_FROM_TABLE:
+            return self.kernel_bias_table()
+        return self.attention_bias(None, torch.float32)[0], None
+
     def kernel_bias_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The window kernel's bias inputs: the table `[(2w-1)², heads]` in float32 and the index `[n, n]` in
         int32, both contiguous; cached like `attention_bias` (rebuilt under autograd and while compiling)."""
@@ -688,10 +693,7 @@ class WindowAttention(ParameterCaches):
         if not _use_kernel("window attention", _WINDOW_KERNEL, q, WINDOW_KERNEL_DEVICE_TYPES, kernel,
                            q, k, v, heads, mask):
             return None
-        if WINDOW_BIAS_FROM_TABLE:
-            bias, index = self.kernel_bias_table()
-        else:
-            bias, index = self.attention_bias(None, torch.float32)[0], None  # [heads, n, n], cached
+        bias, index = self.kernel_bias()
         compiling = torch.compiler.is_compiling()
         launch = torch.ops.imtalker.window_attention if compiling else kernel.window_attention_triton
         out = _call_kernel("window attention", _WINDOW_KERNEL,
